@@ -1,0 +1,297 @@
+"""FastScheduler: the one generic diffusers adapter.  Solver files subclass it only to declare their config.
+
+The adapter owns the noise schedule, the step grid and one explicit solver ``State``; it converts the model
+output once (``parameterization.convert``), computes in float32 (float64 for float64 samples) and casts back,
+and tracks its position with a counter that ``set_timesteps`` resets.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import parameterization as P
+from . import timesteps as T
+from .noise import NOISE_TYPES, BrownianTree, seeds_from
+from .schedules import F64, DiscreteVP, RectifiedFlow, make_betas
+from .solver import Grid, Solver
+
+__all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput"]
+
+
+class FastScheduler(SchedulerMixin, ConfigMixin):
+    """Base adapter.  Subclasses define ``__init__`` with ``@register_to_config`` and ``make_solver()``."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+    # peer schedulers' option values that map onto ours, so that from_config between peers never raises
+    _peer_values: dict = {}
+
+    # ------------------------------------------------------------------ setup
+    def make_solver(self) -> Solver:
+        raise NotImplementedError
+
+    def _remap_peer_values(self):
+        for key, mapping in self._peer_values.items():
+            value = self.config.get(key)
+            if value in mapping:
+                self.register_to_config(**{key: mapping[value]})
+
+    def _setup(self):
+        self._remap_peer_values()
+        cfg = self.config
+        P.check_prediction_type(cfg.prediction_type)
+        T.check_choice("final_sigmas_type", cfg.final_sigmas_type, T.FINAL_SIGMAS)
+        T.check_choice("noise_type", cfg.get("noise_type", "gaussian"), NOISE_TYPES)
+        T.check_choice("timestep_spacing", cfg.timestep_spacing, T.TIMESTEP_SPACINGS)
+        self.spacing = self._resolve_spacing()
+        betas = make_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                           cfg.trained_betas, cfg.get("rescale_betas_zero_snr", False))
+        self.vp = DiscreteVP(betas)
+        self.flow = RectifiedFlow(t_min=0.0) if cfg.get("use_flow_sigmas", False) else None
+        self.schedule = self.flow or self.vp
+        self.betas = betas
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = self.vp.alphas_cumprod.float()
+        self.init_noise_sigma = 1.0
+        self.solver = self.make_solver()
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=np.float32))
+        self.sigmas = torch.exp(self.vp.log_sigmas).float()
+        self._grid: Grid | None = None
+        self._state = None
+        self._step_index = None
+        self._begin_index = None
+        self._tree = None
+
+    def _resolve_spacing(self) -> str:
+        """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
+        cfg = self.config
+        flags = {"karras": cfg.get("use_karras_sigmas", False), "exponential": cfg.get("use_exponential_sigmas", False),
+                 "beta": cfg.get("use_beta_sigmas", False), "logsnr": cfg.get("use_lu_lambdas", False)}
+        chosen = [k for k, v in flags.items() if v]
+        if len(chosen) > 1:
+            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas may be set, got {chosen}")
+        spacing = cfg.get("spacing")
+        if spacing is not None:
+            T.check_choice("spacing", spacing, T.SPACINGS)
+            if chosen and chosen[0] != spacing:
+                raise ValueError(f"spacing={spacing!r} conflicts with the use_{chosen[0]} flag")
+            return spacing
+        return chosen[0] if chosen else cfg.timestep_spacing
+
+    # ------------------------------------------------------------------ diffusers contract
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        self._begin_index = int(begin_index)
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample
+
+    @property
+    def model_outputs(self) -> list:
+        hist = list(reversed(self._state.history)) if self._state is not None else []
+        n = self.config.solver_order
+        return [None] * max(0, n - len(hist)) + hist[-n:]
+
+    @model_outputs.setter
+    def model_outputs(self, value):
+        if self._state is None:
+            raise RuntimeError("call set_timesteps() before setting model_outputs")
+        self._state = replace(self._state, history=tuple(reversed([m for m in value if m is not None])))
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu: float | None = None):
+        """Build the step grid.  Exactly one of ``num_inference_steps``, ``timesteps`` (model timesteps,
+        strictly decreasing) or ``sigmas`` (noise levels, strictly decreasing; VE sigma for VP models, t for flow
+        models; a trailing 0 is taken as the final level) must be given.  Resets all solver state."""
+        cfg = self.config
+        given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                ("sigmas", sigmas)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one of num_inference_steps, timesteps or sigmas, got {given or 'none'}")
+        if mu is not None and not cfg.get("use_dynamic_shifting", False):
+            raise ValueError("mu is only used with use_dynamic_shifting=True")
+        if cfg.get("use_dynamic_shifting", False) and mu is None and timesteps is None and sigmas is None:
+            raise ValueError("use_dynamic_shifting=True needs mu in set_timesteps")
+        Ttrain = cfg.num_train_timesteps
+        final_zero = cfg.final_sigmas_type == "zero"
+        if self.flow is not None:
+            if timesteps is not None:
+                levels = T.check_descending("timesteps", timesteps) / Ttrain
+            elif sigmas is not None:
+                levels = T.check_descending("sigmas", sigmas)
+            else:
+                n = T.check_num_steps(num_inference_steps, Ttrain)
+                levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu)
+            if levels[-1] == 0:
+                levels, final = levels[:-1], 0.0
+            else:
+                final = 0.0 if final_zero else float(T.shift_flow([1.0 / Ttrain], cfg.flow_shift, mu)[0])
+            if levels.max() > 1:
+                raise ValueError(f"flow sigmas must lie in (0, 1], got {levels.tolist()}")
+            if final >= levels[-1]:
+                raise ValueError(f"the final flow sigma {final} must be below the last level {levels[-1]}")
+            grid = Grid.from_times(self.flow, np.append(levels, final))
+            model_t = torch.from_numpy(levels * Ttrain).float()
+            self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        else:
+            vp = self.vp
+            sigma_min, sigma_max = math.exp(vp.log_sigmas[0]), math.exp(vp.log_sigmas[-1])
+            if timesteps is not None:
+                ts = T.check_descending("timesteps", timesteps)
+                if ts[0] > Ttrain - 1 or ts[-1] < 0:
+                    raise ValueError(f"timesteps must lie in [0, {Ttrain - 1}], got {ts.tolist()}")
+                levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
+            elif sigmas is not None:
+                levels = T.check_descending("sigmas", sigmas)
+                if levels[-1] == 0:
+                    levels = levels[:-1]
+                    final_zero = True
+                ts = None
+            else:
+                n = T.check_num_steps(num_inference_steps, Ttrain)
+                if self.spacing in T.TIMESTEP_SPACINGS:
+                    ts = T.discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
+                    levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
+                else:
+                    levels = T.sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
+                    ts = None
+            if ts is None:
+                ts = vp.t_from_sigma_ve(torch.tensor(levels, dtype=F64)).numpy()
+                if cfg.beta_schedule != "squaredcos_cap_v2" or cfg.trained_betas is not None:
+                    ts = ts.round()
+            final = 0.0 if final_zero else sigma_min
+            if final >= levels[-1]:
+                raise ValueError(f"the final sigma ({final:.6g}, final_sigmas_type={cfg.final_sigmas_type!r}) must be "
+                                 f"below the last level {levels[-1]:.6g}: use final_sigmas_type='zero'")
+            grid = Grid.from_sigma_ve(vp, np.append(levels, final))
+            model_t = torch.from_numpy(np.asarray(ts)).to(torch.int64)
+            self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        self.timesteps = model_t.to(device) if device is not None else model_t
+        self.num_inference_steps = grid.num_steps
+        self._grid = grid
+        self._state = self.solver.init(grid)
+        self._step_index = None
+        self._begin_index = None
+        self._tree = None
+        self._bad_step = None
+
+    def _last_timestep(self) -> int:
+        return self.config.num_train_timesteps
+
+    def _init_step_index(self, timestep):
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(self.timesteps.device)
+        match = (self.timesteps == timestep).nonzero()
+        # diffusers' rule: the second match when a timestep repeats, the last step when it is not found
+        self._step_index = int(match[1 if len(match) > 1 else 0]) if len(match) else len(self.timesteps) - 1
+
+    def _check_finite(self, model_output: torch.Tensor, i: int, timestep):
+        if model_output.device.type == "cpu":
+            if not torch.isfinite(model_output).all():
+                raise ValueError(f"model_output contains NaN or Inf at step {i} (timestep {timestep!r})")
+            return
+        # on an accelerator, remember the first bad step on the device and check once at the end (no sync per step)
+        bad = ~torch.isfinite(model_output).all()
+        step = torch.tensor(i, device=model_output.device)
+        self._bad_step = torch.where(bad, step, torch.tensor(-1, device=model_output.device)) if self._bad_step is None \
+            else torch.where((self._bad_step < 0) & bad, step, self._bad_step)
+        if i == self.num_inference_steps - 1 and int(self._bad_step) >= 0:
+            raise ValueError(f"model_output contained NaN or Inf at step {int(self._bad_step)}")
+
+    def _noise(self, i: int, like: torch.Tensor, generator, variance_noise):
+        if variance_noise is not None:
+            if variance_noise.shape != like.shape:
+                raise ValueError(f"variance_noise must have shape {tuple(like.shape)}, got {tuple(variance_noise.shape)}")
+            return variance_noise.to(device=like.device, dtype=like.dtype)
+        if self.config.get("noise_type", "gaussian") == "brownian_tree":
+            eta, g = self.solver.eta, self._grid
+            if self._tree is None:
+                lo = 2 * eta * float(self.vp.lam(torch.tensor(self.vp.t_max, dtype=F64)))
+                hi = 2 * eta * float(self.vp.lam(torch.tensor(self.vp.t_min, dtype=F64)))
+                lo, hi = min(lo, 2 * eta * g.lam[0]), max(hi, 2 * eta * max(l for l in g.lam if math.isfinite(l)))
+                per = isinstance(generator, (list, tuple))
+                self._tree = BrownianTree(lo, hi, like.shape, seeds_from(generator, like.shape[0], per))
+            z = self._tree.increment(2 * eta * g.lam[i], 2 * eta * g.lam[i + 1])
+            return z.to(device=like.device, dtype=like.dtype)
+        return randn_tensor(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
+
+    def _threshold(self):
+        cfg = self.config
+        if not cfg.get("thresholding", False):
+            return None
+        return lambda x0: P.dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True,
+             variance_noise: torch.Tensor | None = None, **kwargs):
+        """One solver step from the current noise level to the next; returns ``SchedulerOutput(prev_sample)``."""
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(): call set_timesteps first")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise RuntimeError(f"step() called {i + 1} times for {self.num_inference_steps} steps: call set_timesteps again")
+        if model_output.shape != sample.shape:
+            if self.config.get("variance_type") in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
+                model_output = model_output[:, : sample.shape[1]]
+            else:
+                raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal sample shape {tuple(sample.shape)}")
+        self._check_finite(model_output, i, timestep)
+        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        x, out = sample.to(cdt), model_output.to(cdt)
+        g = self._grid
+        pred = P.convert(out, x, self.config.prediction_type, g.alpha[i], g.sigma[i], self.solver.prediction,
+                         self._threshold())
+        state = self._state if self._state.index == i else replace(self._state, index=i)
+        noise = self._noise(i, x, generator, variance_noise) if self.solver.needs_noise(g, i) else None
+        x_next, self._state = self.solver.step(g, state, x, pred, noise)
+        self._step_index = i + 1
+        prev = x_next.to(sample.dtype)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t noise at the given model timesteps (at the grid's own levels once set)."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1).cpu()
+        if self._grid is not None and self._begin_index is not None:
+            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
+            a = torch.tensor([self._grid.alpha[j] for j in idx], dtype=F64)
+            s = torch.tensor([self._grid.sigma[j] for j in idx], dtype=F64)
+        elif self.flow is not None:
+            s = timesteps.to(F64) / self.config.num_train_timesteps
+            a = 1 - s
+        else:
+            a, s = self.vp.alpha_sigma(timesteps.to(F64))
+            if self._grid is not None:  # a timestep of the grid gets the grid's exact level
+                ts = self.timesteps.cpu()
+                for k, t in enumerate(timesteps):
+                    hit = (ts == t).nonzero()
+                    if len(hit):
+                        j = int(hit[0])
+                        a[k], s[k] = self._grid.alpha[j], self._grid.sigma[j]
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        dt = original_samples.dtype
+        a = a.to(device=original_samples.device, dtype=dt).reshape(shape)
+        s = s.to(device=original_samples.device, dtype=dt).reshape(shape)
+        return a * original_samples + s * noise.to(original_samples.device, dt)

@@ -1,0 +1,138 @@
+"""The solver protocol: a coefficient rule plus explicit state.
+
+``Grid`` holds the N+1 noise levels of a run (float64 alpha, sigma, lambda and native time t).  A ``Solver``
+turns (grid, step index, order) into a ``Rule``: the scalar coefficients of
+    x_next = c_x * x + sum_j c_j * P_j + c_z * z            (P_0 the newest prediction, then older ones)
+and optionally a corrector rule of the same form applied to the previous sample before the predictor.
+``State`` is explicit and immutable: the step index, the history of predictions (newest first), the orders
+used so far and the sample the last step started from.  Nothing else is kept between steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .expint import combine
+from .schedules import F64, NoiseSchedule
+
+
+@dataclass(frozen=True)
+class Grid:
+    alpha: tuple
+    sigma: tuple
+    lam: tuple
+    t: tuple
+
+    @classmethod
+    def from_sigma_ve(cls, schedule: NoiseSchedule, sigmas_ve) -> "Grid":
+        """N+1 levels from VE sigmas sigma/alpha; a trailing 0 is the clean end point (alpha = 1, sigma = 0)."""
+        s = torch.as_tensor(sigmas_ve, dtype=F64)
+        pos = s > 0
+        t = torch.full_like(s, float("nan"))
+        t[pos] = schedule.t_from_sigma_ve(s[pos])
+        a, sg = torch.ones_like(s), torch.zeros_like(s)
+        a[pos], sg[pos] = schedule.alpha_sigma(t[pos])
+        if (~pos).any():  # sigma_ve = 0: the clean end point of the schedule
+            t[~pos] = schedule.t_min
+        lam = torch.where(pos, torch.log(a) - torch.log(sg.clamp_min(1e-300)), torch.full_like(s, math.inf))
+        return cls(tuple(a.tolist()), tuple(sg.tolist()), tuple(lam.tolist()), tuple(t.tolist()))
+
+    @classmethod
+    def from_times(cls, schedule: NoiseSchedule, t) -> "Grid":
+        t = torch.as_tensor(t, dtype=F64)
+        a, s = schedule.alpha_sigma(t)
+        return cls(tuple(a.tolist()), tuple(s.tolist()), tuple((torch.log(a) - torch.log(s)).tolist()), tuple(t.tolist()))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.alpha) - 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    cx: float
+    coefs: tuple
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class State:
+    index: int = 0
+    history: tuple = ()       # predictions, newest first
+    orders: tuple = ()        # predictor order used at each past step
+    last_x: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+class Solver:
+    """Base class: subclasses set ``name``, ``prediction`` ("x0" or "eps") and implement ``rule``."""
+
+    name = "solver"
+    prediction = "x0"
+    stochastic = False
+    has_corrector = False
+
+    def __init__(self, order: int = 2):
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {order!r}")
+        self.solver_order = order
+
+    # --- what each solver says -------------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        """The convergence order of the ODE solver (what the convergence tests measure)."""
+        return self.solver_order
+
+    def step_order(self, grid: Grid, i: int, available: int) -> int:
+        """The order used at step i given ``available`` usable predictions (the newest included)."""
+        return min(self.solver_order, available)
+
+    def rule(self, grid: Grid, i: int, k: int) -> Rule:
+        raise NotImplementedError
+
+    def corrector_rule(self, grid: Grid, i: int, k: int) -> Rule | None:
+        return None
+
+    def uses_corrector(self, grid: Grid, i: int) -> bool:
+        return self.has_corrector
+
+    # --- generic machinery ---------------------------------------------------------------------
+    def init(self, grid: Grid) -> State:
+        return State()
+
+    def _cached(self, state: State, key, fn):
+        c = state.cache.get(key)
+        if c is None:
+            c = state.cache[key] = fn()
+        return c
+
+    def usable(self, grid: Grid, i: int, n_hist: int) -> int:
+        """History entries (newest first, the new prediction included) at finite lambda: an entry at pure
+        noise (lambda = -inf, e.g. a flow model's sigma = 1) cannot enter a polynomial in lambda."""
+        k = 0
+        while k < n_hist and math.isfinite(grid.lam[i - k]):
+            k += 1
+        return max(k, 1)
+
+    def step(self, grid: Grid, state: State, x: torch.Tensor, pred: torch.Tensor, noise=None):
+        """One step from node ``state.index``: returns (x at the next node, new state)."""
+        i = state.index
+        if i >= grid.num_steps:
+            raise RuntimeError(f"step {i} is past the end of the {grid.num_steps}-step grid: call set_timesteps again")
+        hist = (pred,) + state.history
+        if state.last_x is not None and state.orders and self.uses_corrector(grid, i):
+            k = state.orders[-1]
+            rule = self._cached(state, ("c", i, k), lambda: self.corrector_rule(grid, i, k))
+            if rule is not None:
+                x = combine(rule.cx, state.last_x, rule.coefs, hist)
+        k = self.step_order(grid, i, self.usable(grid, i, len(hist)))
+        rule = self._cached(state, ("p", i, k), lambda: self.rule(grid, i, k))
+        x_next = combine(rule.cx, x, rule.coefs, hist, rule.noise, noise)
+        keep = self.solver_order + (1 if self.has_corrector else 0)
+        new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x)
+        return x_next, new
+
+    def needs_noise(self, grid: Grid, i: int) -> bool:
+        return self.stochastic and grid.sigma[i + 1] > 0
