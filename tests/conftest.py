@@ -1,0 +1,28 @@
+import torch
+import pytest
+
+
+def smooth_model(x, t, **kwargs):
+    """A smooth, deterministic stand-in network: any output type, any timestep convention."""
+    t = float(t)
+    return torch.tanh(x) * (t / 1000 + 0.3) + 0.1 * torch.sin(3 * x)
+
+
+def run_loop(scheduler, x, n=None, model=smooth_model, generator_seed=None, pass_generator=True, **set_kw):
+    if n is not None:
+        set_kw["num_inference_steps"] = n
+    scheduler.set_timesteps(**set_kw)
+    g = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    for t in scheduler.timesteps:
+        kw = {"generator": g} if pass_generator else {}
+        x = scheduler.step(model(x, t), t, x, **kw).prev_sample
+    return x
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture
+def latents():
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

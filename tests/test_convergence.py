@@ -1,0 +1,77 @@
+"""Convergence order on an exact-score Gaussian mixture: error against the exact ODE solution at 2^k steps,
+logSNR-uniform grids, VP, VE and flow schedules; the fitted log-log slope must be within 0.3 of the order."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastsample.sampling import integrate
+
+from fastsample.schedules import VE, ContinuousVP, RectifiedFlow
+from fastsample.solver import Grid
+from fastsample.solvers import DEIS, DPMSolverPlusPlus, UniPC
+from fastsample.testbeds import GaussianMixture
+
+SCHEDULES = {"vp": (ContinuousVP("linear"), 1.0, 1e-3), "ve": (VE(0.002, 80.0), 80.0, 0.002),
+             "flow": (RectifiedFlow(), 0.999, 1e-3)}
+NS = [32, 64, 128, 256]
+NS_HIGH = [16, 32, 64, 128]  # a fourth-order method leaves its asymptotic range sooner
+
+
+def solvers(schedule):
+    # (solver, expected order); lower_order_final off: the last steps are ordinary steps here
+    return {
+        "ddim": (DPMSolverPlusPlus(1, lower_order_final=False), 1),
+        "dpm++2m": (DPMSolverPlusPlus(2, lower_order_final=False), 2),
+        "dpm++2m-heun": (DPMSolverPlusPlus(2, solver_type="heun", lower_order_final=False), 2),
+        "dpm++3m-exact": (DPMSolverPlusPlus(3, third_order="exact", lower_order_final=False), 3),
+        # the official code's (and diffusers') 3M weights: second order (see solvers/dpm_solver_pp.py)
+        "dpm++3m-reference": (DPMSolverPlusPlus(3, lower_order_final=False), 2),
+        "deis-tab3": (DEIS(3, "tab", lower_order_final=False, t_of_lambda=schedule.t_from_lambda), 3),
+        "deis-logrho3": (DEIS(3, "logrho", lower_order_final=False), 3),
+        "unipc1": (UniPC(1, lower_order_final=False), 2),
+        "unipc2": (UniPC(2, lower_order_final=False), 3),
+        "unipc2-bh1": (UniPC(2, "bh1", lower_order_final=False), 3),
+        "unipc3": (UniPC(3, lower_order_final=False), 4),
+    }
+
+
+@pytest.fixture(scope="module", params=list(SCHEDULES))
+def problem(request):
+    schedule, t0, t1 = SCHEDULES[request.param]
+    gm = GaussianMixture.random(dim=4, components=3, seed=1, schedule=schedule)
+    (a0, s0), (a1, s1) = [tuple(float(v) for v in schedule.alpha_sigma(torch.tensor(t))) for t in (t0, t1)]
+    x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * math.sqrt(4 * a0 ** 2 + s0 ** 2)
+    exact = gm.exact_solution(x_T, s0 / a0, s1 / a1, a0, a1)
+    lam0, lam1 = float(schedule.lam(torch.tensor(t0))), float(schedule.lam(torch.tensor(t1)))
+    return request.param, schedule, gm, x_T, exact, lam0, lam1
+
+
+def _levels(schedule, lam):
+    a, s = schedule.alpha_sigma(schedule.t_from_lambda(torch.tensor(lam, dtype=torch.float64)))
+    return float(a), float(s)
+
+
+def test_exact_solution_is_converged(problem):
+    _, schedule, gm, x_T, exact, lam0, lam1 = problem
+    (a0, s0), (a1, s1) = _levels(schedule, lam0), _levels(schedule, lam1)
+    tighter = gm.exact_solution(x_T, s0 / a0, s1 / a1, a0, a1, rtol=1e-13)
+    assert float((tighter - exact).norm() / exact.norm()) < 1e-10
+
+
+def test_convergence_orders(problem):
+    name, schedule, gm, x_T, exact, lam0, lam1 = problem
+    report = {}
+    for label, (solver, order) in solvers(schedule).items():
+        errs, ns = [], NS_HIGH if order >= 4 else NS
+        for n in ns:
+            grid = Grid.from_times(schedule, schedule.t_from_lambda(torch.linspace(lam0, lam1, n + 1, dtype=torch.float64)))
+            x = integrate(gm, x_T.clone(), solver, grid, "epsilon")
+            errs.append(float((x - exact).norm() / exact.norm()))
+        slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+        report[label] = (order, round(slope, 2))
+        if label == "dpm++3m-reference":  # approaches 2 from above: judge the finest interval
+            slope = math.log2(errs[-2] / errs[-1])
+        assert abs(slope - order) < 0.3, (name, label, order, slope, errs)
+    print(name, "(declared, measured)", report)
