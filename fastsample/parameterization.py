@@ -68,7 +68,7 @@ def output_from(prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha
 def _affine(cx: float, co: float, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if cx == 0.0:
         return out * co if co != 1.0 else out
-    return torch.add(out * co, x, alpha=cx)
+    return torch.mul(out, co).add_(x, alpha=cx)
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:

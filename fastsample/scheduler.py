@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import parameterization as P
 from . import timesteps as T
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
-from .schedules import F64, DiscreteVP, RectifiedFlow, make_betas
+from .schedules import F64, DiscreteVP, RectifiedFlow
 from .solver import Grid, Solver
 
 __all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput"]
@@ -50,9 +50,9 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         T.check_choice("noise_type", cfg.get("noise_type", "gaussian"), NOISE_TYPES)
         T.check_choice("timestep_spacing", cfg.timestep_spacing, T.TIMESTEP_SPACINGS)
         self.spacing = self._resolve_spacing()
-        betas = make_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                           cfg.trained_betas, cfg.get("rescale_betas_zero_snr", False))
-        self.vp = DiscreteVP(betas)
+        self.vp = DiscreteVP.from_betas_config(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                                               cfg.trained_betas, cfg.get("rescale_betas_zero_snr", False))
+        betas = self.vp.betas
         self.flow = RectifiedFlow(t_min=0.0) if cfg.get("use_flow_sigmas", False) else None
         self.schedule = self.flow or self.vp
         self.betas = betas
@@ -140,13 +140,15 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 levels = T.check_descending("sigmas", sigmas)
             else:
                 n = T.check_num_steps(num_inference_steps, Ttrain)
-                levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu)
+                # a noise-prediction solver cannot start at alpha = 0: it starts one training step below
+                start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" else 1.0
+                levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start)
             if levels[-1] == 0:
                 levels, final = levels[:-1], 0.0
             else:
                 final = 0.0 if final_zero else float(T.shift_flow([1.0 / Ttrain], cfg.flow_shift, mu)[0])
-            if levels.max() > 1:
-                raise ValueError(f"flow sigmas must lie in (0, 1], got {levels.tolist()}")
+            if levels.max() > 1 or (levels.max() == 1 and self.solver.prediction == "eps"):
+                raise ValueError(f"flow sigmas must lie in (0, 1] (below 1 for noise-prediction solvers), got {levels.tolist()}")
             if final >= levels[-1]:
                 raise ValueError(f"the final flow sigma {final} must be below the last level {levels[-1]}")
             grid = Grid.from_times(self.flow, np.append(levels, final))
@@ -208,15 +210,18 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = int(match[1 if len(match) > 1 else 0]) if len(match) else len(self.timesteps) - 1
 
     def _check_finite(self, model_output: torch.Tensor, i: int, timestep):
+        """NaN/Inf in the model output is an error naming the step.  One float64 sum (NaN and Inf propagate) is
+        the cheapest full check; on an accelerator the first bad step is kept on the device and checked once, at the
+        last step, so that ``step`` never waits for the device."""
+        total = model_output.sum(dtype=torch.float64)
         if model_output.device.type == "cpu":
-            if not torch.isfinite(model_output).all():
+            if not math.isfinite(float(total)):
                 raise ValueError(f"model_output contains NaN or Inf at step {i} (timestep {timestep!r})")
             return
-        # on an accelerator, remember the first bad step on the device and check once at the end (no sync per step)
-        bad = ~torch.isfinite(model_output).all()
-        step = torch.tensor(i, device=model_output.device)
-        self._bad_step = torch.where(bad, step, torch.tensor(-1, device=model_output.device)) if self._bad_step is None \
-            else torch.where((self._bad_step < 0) & bad, step, self._bad_step)
+        bad = ~torch.isfinite(total)
+        step = torch.full((), i, device=model_output.device)
+        prev = self._bad_step if self._bad_step is not None else torch.full((), -1, device=model_output.device)
+        self._bad_step = torch.where((prev < 0) & bad, step, prev)
         if i == self.num_inference_steps - 1 and int(self._bad_step) >= 0:
             raise ValueError(f"model_output contained NaN or Inf at step {int(self._bad_step)}")
 

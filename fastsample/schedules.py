@@ -56,7 +56,7 @@ class DiscreteVP(NoiseSchedule):
     (diffusers' ``_sigma_to_t``), clipped to [0, N - 1].
     """
 
-    def __init__(self, betas):
+    def __init__(self, betas, zero_terminal_snr: bool = False):
         betas = torch.as_tensor(betas)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError("betas must be a 1-D sequence of at least 2 values")
@@ -65,7 +65,7 @@ class DiscreteVP(NoiseSchedule):
         self.betas = betas
         # the cumulative product in the betas' own precision (float32 for diffusers' schedules), then float64
         acp = torch.cumprod(1.0 - betas, 0)
-        if acp[-1] <= 0:  # zero terminal SNR: same floor as diffusers (fp16's smallest subnormal)
+        if zero_terminal_snr or acp[-1] <= 0:  # zero terminal SNR: diffusers' floor (fp16's smallest subnormal)
             acp[-1] = 2.0 ** -24
         self.alphas_cumprod = acp.to(F64)
         self.log_sigmas = 0.5 * (torch.log1p(-self.alphas_cumprod) - torch.log(self.alphas_cumprod))
@@ -75,7 +75,7 @@ class DiscreteVP(NoiseSchedule):
     def from_betas_config(cls, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                           trained_betas=None, rescale_betas_zero_snr=False) -> "DiscreteVP":
         return cls(make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                              rescale_betas_zero_snr))
+                              rescale_betas_zero_snr), zero_terminal_snr=rescale_betas_zero_snr)
 
     def _log_sigma_ve(self, t):
         t = t.clamp(self.t_min, self.t_max)
@@ -180,7 +180,7 @@ def make_betas(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_
     if rescale_betas_zero_snr:
         abar_sqrt = torch.cumprod(1 - betas, 0).sqrt()
         a0, aT = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
-        abar_sqrt = (abar_sqrt - aT) * a0 / (a0 - aT)
+        abar_sqrt = (abar_sqrt - aT) * (a0 / (a0 - aT))
         abar = abar_sqrt ** 2
         betas = 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
     return betas

@@ -106,3 +106,28 @@ class GaussianMixture:
         if sigma_to == 0:
             y = self.denoise(y, end)
         return (alpha_to * y).reshape(shape).to(dtype)
+
+
+def shapes_mixture(size: int = 32, schedule: NoiseSchedule | None = None, prediction_type: str = "epsilon",
+                   seed: int = 0) -> GaussianMixture:
+    """An image-shaped exact-score model: 8 components whose means are simple shapes (disc, square, ring, cross,
+    bars, triangle, diamond, frame) in [-1, 1], each with a smooth rank-24 covariance plus a small isotropic part."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size, dtype=F64), torch.linspace(-1, 1, size, dtype=F64), indexing="ij")
+    r = torch.sqrt(xs ** 2 + ys ** 2)
+    masks = [r < 0.55, (xs.abs() < 0.5) & (ys.abs() < 0.5), (r > 0.4) & (r < 0.7),
+             (xs.abs() < 0.15) | (ys.abs() < 0.15), (torch.sin(6 * xs) > 0.3), (ys > -0.5) & (ys < 0.6 - 2 * xs.abs()),
+             (xs.abs() + ys.abs()) < 0.7, ((xs.abs() > 0.6) | (ys.abs() > 0.6)) & (xs.abs() < 0.8) & (ys.abs() < 0.8)]
+    means = torch.stack([m.to(F64) * 1.6 - 0.8 for m in masks]).reshape(len(masks), -1)
+    g = torch.Generator().manual_seed(seed)
+    d = size * size
+    # smooth random fields: low-frequency cosines, so that samples vary in shape and brightness, not in pixel noise
+    freqs = [(a, b) for a in range(4) for b in range(6)][:24]
+    basis = torch.stack([torch.cos(math.pi * (a * (xs + 1) / 2)) * torch.cos(math.pi * (b * (ys + 1) / 2)) for a, b in freqs])
+    basis = basis.reshape(len(freqs), d)
+    basis = basis / basis.norm(dim=1, keepdim=True)
+    covs = []
+    for _ in masks:
+        scale = 0.6 * torch.rand(len(freqs), generator=g, dtype=F64) / (1 + torch.arange(len(freqs), dtype=F64)) ** 0.5
+        U = basis.T * scale.sqrt() * math.sqrt(d) * 0.25
+        covs.append(U @ U.T + 1e-3 * torch.eye(d, dtype=F64))
+    return GaussianMixture(means, torch.stack(covs), schedule=schedule, prediction_type=prediction_type)

@@ -94,9 +94,11 @@ def sigma_spacing(spacing: str, n: int, sigma_min: float, sigma_max: float, sche
     return np.asarray(s, dtype=np.float64)[:n]
 
 
-def flow_sigmas(n: int, num_train_timesteps: int, shift: float = 1.0, mu: float | None = None) -> np.ndarray:
-    """Flow-matching levels t in (0, 1]: linspace(1, 1/T, N+1)[:-1], shifted by ``shift`` (SD3) or exp(mu) (Flux)."""
-    s = np.linspace(1.0, 1.0 / num_train_timesteps, n + 1)[:-1]
+def flow_sigmas(n: int, num_train_timesteps: int, shift: float = 1.0, mu: float | None = None,
+                start: float = 1.0) -> np.ndarray:
+    """Flow-matching levels t in (0, 1]: linspace(start, 1/T, N+1)[:-1], shifted by ``shift`` (SD3) or exp(mu)
+    (Flux).  ``start`` < 1 keeps alpha = 1 - t > 0 for noise-prediction solvers, which cannot start at pure noise."""
+    s = np.linspace(start, 1.0 / num_train_timesteps, n + 1)[:-1]
     return shift_flow(s, shift, mu)
 
 

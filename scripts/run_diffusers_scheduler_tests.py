@@ -52,8 +52,12 @@ class DEISMultistepSchedulerTest(_deis.DEISMultistepSchedulerTest):
     scheduler_classes = (DEISScheduler,)
 
     def get_scheduler_config(self, **kwargs):
-        # our DEIS defaults to the paper's "tab"; diffusers' reference numbers are for its "logrho" form
-        kwargs.setdefault("solver_type", "logrho")
+        # Our DEIS defaults to the paper's "tab"; diffusers' reference numbers are for its "logrho" form.
+        # test_compatibles (no reference numbers) keeps our default: it round-trips the config through the last
+        # class of an unordered set of peers, and peers that collapse solver_type (DPMSolver*, UniPC: logrho ->
+        # midpoint/bh2) come back as our default "tab", so with "logrho" it would fail for ~1 hash seed in 5.
+        if self._testMethodName != "test_compatibles":
+            kwargs.setdefault("solver_type", "logrho")
         return super().get_scheduler_config(**kwargs)
 
 

@@ -71,11 +71,23 @@ class DEISScheduler(FastScheduler):
                  use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, use_dynamic_shifting: bool = False,
                  time_shift_type: str = "exponential", final_sigmas_type: str = "sigma_min",
-                 rescale_betas_zero_snr: bool = False, spacing: str | None = None):
+                 rescale_betas_zero_snr: bool = False, spacing: str | None = None, deis_type: str | None = None):
+        if deis_type not in (None,) + DEIS_SOLVER_TYPES:
+            raise ValueError(f"deis_type must be None or one of {DEIS_SOLVER_TYPES}, got {deis_type!r}")
         self._setup()
         if self.config.algorithm_type != "deis":
             raise ValueError(f"algorithm_type must be 'deis', got {algorithm_type!r}")
 
+    def _remap_peer_values(self):
+        super()._remap_peer_values()
+        # diffusers' DEIS/DPM/UniPC schedulers raise NotImplementedError on solver_type "tab": keep a value they
+        # know in the config and record the tAB form in deis_type, so that Theirs.from_config(ours.config) never
+        # raises; deis_type leaves _use_default_values, else from_config would drop it
+        if self.config.solver_type == "tab":
+            defaults = [k for k in self.config.get("_use_default_values", []) if k != "deis_type"]
+            self.register_to_config(solver_type="logrho", deis_type=self.config.deis_type or "tab",
+                                    _use_default_values=defaults)
+
     def make_solver(self) -> Solver:
         c = self.config
-        return DEIS(c.solver_order, c.solver_type, c.lower_order_final, self.schedule.t_from_lambda)
+        return DEIS(c.solver_order, c.deis_type or c.solver_type, c.lower_order_final, self.schedule.t_from_lambda)

@@ -90,7 +90,7 @@ class DPMSolverPlusPlus(Solver):
             H = (1 + eta) * h
             em = math.expm1(-H)
             phi2 = em / H + 1
-            c0, scale, cx = -a_t * em, a_t, s_t / s_s * math.exp(-eta * h)
+            c0, scale, cx = -a_t * em, a_t, s_t / s_s * (math.exp(-eta * h) if eta > 0 else 1.0)
             noise = s_t * math.sqrt(-math.expm1(-2 * eta * h)) if eta > 0 else 0.0
             if k == 2 and self.solver_type == "midpoint":
                 c1, c2 = -0.5 * em, 0.0

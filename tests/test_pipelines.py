@@ -7,7 +7,6 @@ forward pre-hook that counts its calls.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -299,7 +298,7 @@ def test_img2img_matches_diffusers_peer(ours, kw, theirs, sd_components, init_im
 @pytest.mark.parametrize("cls, kw", [(DPMSolverPlusPlusScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
                                      (DEISScheduler, {"solver_order": 3}),
                                      (UniPCScheduler, {"solver_type": "bh1", "disable_corrector": [0]})],
-                         ids=lambda v: v.__name__ if isinstance(v, type) else "")
+                         ids=["DPMSolverPlusPlusScheduler-sde", "DEISScheduler-order3", "UniPCScheduler-bh1"])
 def test_save_and_reload(cls, kw, sd_components, tmp_path):
     pipe = sd_pipe(sd_components, cls(**SD_BETAS, use_karras_sigmas=True, **kw))
     pipe.save_pretrained(tmp_path)

@@ -1,0 +1,31 @@
+# fastsample: make sample | make test | make bench   (each sets up .venv itself)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTHON ?= python3
+
+.PHONY: install sample test test-all bench diffusers-suite
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[eval,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+sample: install
+	$(PY) scripts/sample.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install  ## the slow tests too
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) scripts/bench_overhead.py
+
+diffusers-suite: install  ## diffusers' own scheduler tests against ours: needs DIFFUSERS_SRC=<diffusers checkout>
+	$(PY) scripts/run_diffusers_scheduler_tests.py

@@ -1,0 +1,228 @@
+"""The adapter contract: state, reuse, dtypes, save/load, custom schedules and clear errors on bad input."""
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from conftest import rel_err, run_loop, smooth_model
+from fastsample.solvers import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+
+CLASSES = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_reuse_gives_identical_results(cls, latents):
+    s = cls(solver_order=3)
+    a = run_loop(s, latents.clone(), 9)
+    b = run_loop(s, latents.clone(), 9)
+    assert torch.equal(a, b)
+    run_loop(s, latents.clone(), 4)  # a different run in between
+    assert torch.equal(run_loop(s, latents.clone(), 9), a)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_in_dtype_out(cls, dtype, latents):
+    out = run_loop(cls(solver_order=3), latents.to(dtype), 8)
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    ref = run_loop(cls(solver_order=3), latents.double(), 8)
+    assert rel_err(out, ref) < {torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
+
+
+def test_unipc_order3_float64_where_diffusers_needs_float32(latents):
+    out = run_loop(UniPCScheduler(solver_order=3), latents.double(), 10)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+def test_unipc_bh1_final_step_to_zero_is_finite(latents):
+    ref = run_loop(UniPCMultistepScheduler(solver_type="bh1"), latents.clone(), 10, pass_generator=False)
+    ours = run_loop(UniPCScheduler(solver_type="bh1"), latents.clone(), 10)
+    assert not torch.isfinite(ref).all()  # diffusers 0.42: NaN at the last step
+    assert torch.isfinite(ours).all()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_save_load_round_trip(cls, tmp_path, latents):
+    s = cls(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True, final_sigmas_type="zero")
+    s.save_pretrained(tmp_path)
+    t = cls.from_pretrained(tmp_path)
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(t.config) == strip(s.config)
+    assert torch.equal(run_loop(s, latents.clone(), 7), run_loop(t, latents.clone(), 7))
+
+
+def test_config_carries_our_options(tmp_path, latents):
+    s = DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", eta=0.5, noise_type="brownian_tree",
+                                   spacing="ays_sd15", third_order="exact", solver_order=3)
+    s.save_pretrained(tmp_path)
+    t = DPMSolverPlusPlusScheduler.from_pretrained(tmp_path)
+    assert (t.config.eta, t.config.noise_type, t.config.spacing, t.config.third_order) == (0.5, "brownian_tree", "ays_sd15", "exact")
+    assert torch.equal(run_loop(s, latents.clone(), 6, generator_seed=0), run_loop(t, latents.clone(), 6, generator_seed=0))
+
+
+def test_peer_values_are_mapped():
+    assert DPMSolverPlusPlusScheduler(algorithm_type="deis", solver_type="logrho").config.solver_type == "midpoint"
+    deis = DEISScheduler(algorithm_type="dpmsolver++", solver_type="midpoint")
+    # the tAB form lives in deis_type, so that diffusers' schedulers (which know only their own solver_type values)
+    # can still be made from this config
+    assert (deis.config.solver_type, deis.config.deis_type, deis.solver.solver_type) == ("logrho", "tab", "tab")
+    assert DEISScheduler(solver_type="logrho").solver.solver_type == "logrho"
+    assert UniPCScheduler(solver_type="heun").config.solver_type == "bh2"
+    ours = DPMSolverPlusPlusScheduler.from_config(DPMSolverMultistepScheduler(solver_order=3).config)
+    assert ours.config.solver_order == 3
+
+
+def test_model_outputs_is_settable_and_reset(latents):
+    s = UniPCScheduler(solver_order=2)
+    s.set_timesteps(5)
+    assert s.model_outputs == [None, None]
+    s.model_outputs = [latents, latents * 2]
+    assert torch.equal(s.model_outputs[-1], latents * 2)
+    s.set_timesteps(5)
+    assert s.model_outputs == [None, None]
+
+
+def test_custom_sigmas_and_timesteps(latents):
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(sigmas=[14.6, 5.0, 1.5, 0.3])
+    assert s.num_inference_steps == 4 and len(s.timesteps) == 4 and s.sigmas[-1] == 0
+    assert torch.allclose(s.sigmas[:4], torch.tensor([14.6, 5.0, 1.5, 0.3]))
+    s.set_timesteps(sigmas=[14.6, 5.0, 1.5, 0.3, 0.0])  # a trailing 0 marks the end: same grid
+    assert s.num_inference_steps == 4
+    s.set_timesteps(timesteps=[999, 700, 400, 100])
+    assert s.timesteps.tolist() == [999, 700, 400, 100] and s.timesteps.dtype == torch.int64
+    out = run_loop(DEISScheduler(), latents.clone(), timesteps=[999, 700, 400, 100])
+    assert torch.isfinite(out).all()
+
+
+def test_deis_karras_wastes_no_model_call(latents):
+    s = DEISScheduler(use_karras_sigmas=True)  # final sigma_min, as diffusers' DEIS
+    s.set_timesteps(6)
+    assert len(set(s.sigmas.tolist())) == 7  # no duplicated last level: all 6 model calls move the sample
+
+
+def test_brownian_tree_noise_is_consistent_across_step_counts():
+    """With a Brownian tree, a seed's SDE samples at 100 and 400 steps agree far better than with fresh noise."""
+    from fastsample.schedules import DiscreteVP, make_betas
+    from fastsample.testbeds import GaussianMixture
+
+    gm = GaussianMixture.random(dim=6, components=2, seed=3, schedule=DiscreteVP(make_betas()))
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = {}
+    for noise_type in ("brownian_tree", "gaussian"):
+        outs = [run_loop(DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", noise_type=noise_type,
+                                                    use_lu_lambdas=True), x.clone(), n, model=gm, generator_seed=5)
+                for n in (100, 400)]
+        res[noise_type] = rel_err(outs[0], outs[1])
+    assert res["brownian_tree"] < 0.1 * res["gaussian"], res
+
+
+def test_sde_is_reproducible_per_seed(latents):
+    s = DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++")
+    assert torch.equal(run_loop(s, latents.clone(), 6, generator_seed=1), run_loop(s, latents.clone(), 6, generator_seed=1))
+    assert not torch.equal(run_loop(s, latents.clone(), 6, generator_seed=1), run_loop(s, latents.clone(), 6, generator_seed=2))
+
+
+def test_flow_model_sigmas_and_shift(latents):
+    s = UniPCScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    s.set_timesteps(6)
+    assert s.sigmas[0] == 1.0 and s.sigmas[-1] == 0.0 and s.timesteps[0] == 1000.0
+    assert torch.isfinite(run_loop(s, latents.clone(), 6)).all()
+    d = DPMSolverPlusPlusScheduler(use_flow_sigmas=True, use_dynamic_shifting=True, prediction_type="flow_prediction")
+    d.set_timesteps(5, mu=0.8)
+    assert torch.isfinite(run_loop(d, latents.clone(), mu=0.8, num_inference_steps=5)).all()
+    e = DEISScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")  # noise form: starts below 1
+    e.set_timesteps(5)
+    assert e.sigmas[0] == pytest.approx(0.999) and torch.isfinite(run_loop(e, latents.clone(), 5)).all()
+
+
+def test_img2img_begin_index(latents):
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(10)
+    s.set_begin_index(4)
+    x = s.add_noise(latents, torch.randn_like(latents), s.timesteps[4:5])
+    for t in s.timesteps[4:]:
+        x = s.step(smooth_model(x, t), t, x).prev_sample
+    assert s.step_index == 10 and torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kw,match", [
+    (dict(solver_order=7), "solver_order must be 1, 2 or 3"),
+    (dict(solver_order=0), "solver_order must be 1, 2 or 3"),
+    (dict(prediction_type="score"), "prediction_type must be one of"),
+    (dict(final_sigmas_type="one"), "final_sigmas_type must be one of"),
+    (dict(timestep_spacing="cosine"), "timestep_spacing must be one of"),
+    (dict(spacing="uniformish"), "spacing must be one of"),
+    (dict(beta_schedule="sigmoid"), "beta_schedule must be one of"),
+    (dict(use_karras_sigmas=True, use_exponential_sigmas=True), "only one of"),
+])
+def test_bad_config_is_rejected(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(algorithm_type="dpm"), "algorithm_type must be one of"),
+    (dict(solver_type="rk4"), "solver_type must be one of"),
+    (dict(algorithm_type="sde-dpmsolver++", eta=1.5), "eta must be a number in"),
+    (dict(eta=0.5), "needs algorithm_type 'sde-dpmsolver"),
+    (dict(third_order="best"), "third_order must be one of"),
+    (dict(noise_type="pink"), "noise_type must be one of"),
+])
+def test_bad_dpm_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DPMSolverPlusPlusScheduler(**kw)
+
+
+def test_bad_solver_types():
+    with pytest.raises(ValueError, match="solver_type must be one of"):
+        UniPCScheduler(solver_type="bh3")
+    with pytest.raises(ValueError, match="solver_type must be one of"):
+        DEISScheduler(solver_type="rhoab")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_bad_set_timesteps(cls):
+    s = cls()
+    for n in (0, -3, 1001, 2.5):
+        with pytest.raises(ValueError, match="num_inference_steps must be"):
+            s.set_timesteps(n)
+    with pytest.raises(ValueError, match="timesteps must be strictly decreasing"):
+        s.set_timesteps(timesteps=[500, 700, 100])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        s.set_timesteps(timesteps=[1500, 700, 100])
+    with pytest.raises(ValueError, match="sigmas must be strictly decreasing"):
+        s.set_timesteps(sigmas=[1.0, 2.0])
+    with pytest.raises(ValueError, match="exactly one of"):
+        s.set_timesteps(5, timesteps=[999, 500])
+    with pytest.raises(ValueError, match="exactly one of"):
+        s.set_timesteps()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_before_set_timesteps(cls, latents):
+    with pytest.raises(RuntimeError, match="before set_timesteps"):
+        cls().step(latents, 999, latents)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_nan_model_output_names_the_step(cls, latents):
+    s = cls()
+    s.set_timesteps(5)
+    x = latents.clone()
+    for i, t in enumerate(s.timesteps):
+        out = smooth_model(x, t)
+        if i == 2:
+            out[0, 0, 0, 0] = float("nan")
+            with pytest.raises(ValueError, match="NaN or Inf at step 2"):
+                s.step(out, t, x)
+            break
+        x = s.step(out, t, x).prev_sample
+
+
+def test_too_many_steps_is_an_error(latents):
+    s = DPMSolverPlusPlusScheduler()
+    x = run_loop(s, latents.clone(), 3)
+    with pytest.raises(RuntimeError, match="call set_timesteps again"):
+        s.step(smooth_model(x, 0), 0, x)
