@@ -5,6 +5,8 @@
 
 PATH (default: env DIFFUSERS_SRC) is either a diffusers source checkout (a directory holding
 tests/schedulers/test_schedulers.py) or a diffusers git directory (bare or not), read at --ref (default HEAD).
+The tests must match the installed diffusers (for diffusers 0.42: HEAD or v0.40.0; v0.38.0's tests import
+is_flax_available, which 0.42 no longer has).
 No diffusers test code lives in this repository: the script copies the few test files it needs (the three
 suites and the modules they import, found by following their relative imports) from PATH into a temporary
 directory, as the package ``diffusers_tests``, writes a small pytest module there that subclasses diffusers'
@@ -44,6 +46,7 @@ for _module in (_dpm, _deis, _unipc):
     _module.DEISMultistepScheduler = DEISScheduler
     _module.UniPCMultistepScheduler = UniPCScheduler
 
+
 class DPMSolverMultistepSchedulerTest(_dpm.DPMSolverMultistepSchedulerTest):
     scheduler_classes = (DPMSolverPlusPlusScheduler,)
 
@@ -53,9 +56,10 @@ class DEISMultistepSchedulerTest(_deis.DEISMultistepSchedulerTest):
 
     def get_scheduler_config(self, **kwargs):
         # Our DEIS defaults to the paper's "tab"; diffusers' reference numbers are for its "logrho" form.
-        # test_compatibles (no reference numbers) keeps our default: it round-trips the config through the last
-        # class of an unordered set of peers, and peers that collapse solver_type (DPMSolver*, UniPC: logrho ->
-        # midpoint/bh2) come back as our default "tab", so with "logrho" it would fail for ~1 hash seed in 5.
+        # test_compatibles (no reference numbers) keeps our default config: it round-trips the config through the
+        # last class of an unordered set of peers, and an explicit "logrho" comes back from the peers that collapse
+        # solver_type (DPMSolver*, UniPC: logrho -> midpoint/bh2) as our peer mapping's tAB form (deis_type="tab"),
+        # so with "logrho" it would fail for about 1 hash seed in 5.
         if self._testMethodName != "test_compatibles":
             kwargs.setdefault("solver_type", "logrho")
         return super().get_scheduler_config(**kwargs)
@@ -91,7 +95,6 @@ DESELECT = {
         "levels * num_train_timesteps (995.02, ...).  Its sigmas need UniPC's sigma_min/sigma_max keys "
         "(test_flow_and_karras_sigmas covers that gap)"),
 }
-
 
 
 def is_checkout(path: Path) -> bool:
@@ -183,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         module.write_text(GENERATED_MODULE)
         # isolates the run from any outer configuration; silences numpy-2 deprecation noise from diffusers' classes
         (tmp / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    ignore:__array:DeprecationWarning\n")
-        sys.path[:0] = [str(tmp), str(REPO_ROOT)]  # the exported tests, and our in-tree fastsample first
+        # the exported tests, and our in-tree fastsample first (PYTHONPATH too, for pytest-xdist's workers)
+        sys.path[:0] = [str(tmp), str(REPO_ROOT)]
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(tmp), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
         print(f"diffusers tests from {where}; {len(DESELECT)} deselection rule(s):")
         for key, reason in DESELECT.items():
             print(f"  {key}: {reason}")
