@@ -134,19 +134,29 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         Ttrain = cfg.num_train_timesteps
         final_zero = cfg.final_sigmas_type == "zero"
         if self.flow is not None:
+            t_min = float(T.shift_flow([1.0 / Ttrain], cfg.flow_shift, mu)[0])  # the final level for "sigma_min"
             if timesteps is not None:
                 levels = T.check_descending("timesteps", timesteps) / Ttrain
             elif sigmas is not None:
                 levels = T.check_descending("sigmas", sigmas)
+            elif self.spacing in T.SIGMA_SPACINGS:
+                # diffusers' UniPC with use_flow_sigmas and use_karras/exponential/beta_sigmas: the spacing on VE
+                # sigmas s = t / (1 - t) in [sigma_min, sigma_max], mapped to flow time t = s / (1 + s); no shift
+                n = T.check_num_steps(num_inference_steps, Ttrain)
+                lo, hi = self._sigma_bounds()
+                s = T.sigma_spacing(self.spacing, n, lo, hi, self.flow, include_min=final_zero)
+                levels, t_min = s / (1 + s), lo / (1 + lo)
             else:
                 n = T.check_num_steps(num_inference_steps, Ttrain)
                 # a noise-prediction solver cannot start at alpha = 0: it starts one training step below
-                start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" else 1.0
+                start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" or cfg.prediction_type == "epsilon" else 1.0
                 levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start)
+                if cfg.get("shift_terminal") is not None:
+                    levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
             if levels[-1] == 0:
                 levels, final = levels[:-1], 0.0
             else:
-                final = 0.0 if final_zero else float(T.shift_flow([1.0 / Ttrain], cfg.flow_shift, mu)[0])
+                final = 0.0 if final_zero else t_min
             if levels.max() > 1 or (levels.max() == 1 and self.solver.prediction == "eps"):
                 raise ValueError(f"flow sigmas must lie in (0, 1] (below 1 for noise-prediction solvers), got {levels.tolist()}")
             if final >= levels[-1]:
@@ -174,6 +184,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                     ts = T.discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
                     levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
                 else:
+                    sigma_min, sigma_max = self._sigma_bounds()  # the spacing ends at its own sigma_min
                     levels = T.sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
                     ts = None
             if ts is None:
@@ -198,6 +209,16 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
 
     def _last_timestep(self) -> int:
         return self.config.num_train_timesteps
+
+    def _sigma_bounds(self) -> tuple[float, float]:
+        """The VE sigma range of the sigma spacings: config ``sigma_min`` / ``sigma_max`` (diffusers' UniPC keys)
+        where set, else the trained range of the discrete schedule (diffusers uses it for flow models too)."""
+        lo, hi = self.config.get("sigma_min"), self.config.get("sigma_max")
+        lo = math.exp(self.vp.log_sigmas[0]) if lo is None else float(lo)
+        hi = math.exp(self.vp.log_sigmas[-1]) if hi is None else float(hi)
+        if not 0 < lo < hi:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
+        return lo, hi
 
     def _init_step_index(self, timestep):
         if self._begin_index is not None:

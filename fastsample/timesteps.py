@@ -109,6 +109,15 @@ def shift_flow(s, shift: float = 1.0, mu: float | None = None) -> np.ndarray:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
+def stretch_to_terminal(levels, shift_terminal: float) -> np.ndarray:
+    """diffusers' ``shift_terminal``: stretch flow levels t so that 1 - t scales and the last level is ``shift_terminal``."""
+    levels = np.asarray(levels, dtype=np.float64)
+    if not 0 < shift_terminal < 1:
+        raise ValueError(f"shift_terminal must lie in (0, 1), got {shift_terminal!r}")
+    one_minus = 1.0 - levels
+    return 1.0 - one_minus * (1.0 - shift_terminal) / one_minus[-1]
+
+
 def check_descending(name: str, values, allow_final_zero: bool = True) -> np.ndarray:
     v = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values, dtype=np.float64).reshape(-1)
     if v.size == 0:

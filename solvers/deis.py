@@ -84,7 +84,7 @@ class DEISScheduler(FastScheduler):
         # know in the config and record the tAB form in deis_type, so that Theirs.from_config(ours.config) never
         # raises; deis_type leaves _use_default_values, else from_config would drop it
         if self.config.solver_type == "tab":
-            defaults = [k for k in self.config.get("_use_default_values", []) if k != "deis_type"]
+            defaults = sorted(k for k in self.config.get("_use_default_values", []) if k != "deis_type")
             self.register_to_config(solver_type="logrho", deis_type=self.config.deis_type or "tab",
                                     _use_default_values=defaults)
 

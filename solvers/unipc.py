@@ -120,7 +120,10 @@ class UniPCScheduler(FastScheduler):
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_flow_sigmas: bool = False,
                  flow_shift: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
-                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", spacing: str | None = None):
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min: float | None = None,
+                 sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None):
+        if shift_terminal is not None and not use_flow_sigmas:
+            raise ValueError("shift_terminal is only supported with use_flow_sigmas=True")
         self._setup()
 
     def make_solver(self) -> Solver:

@@ -26,7 +26,7 @@ def diffusers_source():
                     reason="no diffusers source: set DIFFUSERS_SRC to a diffusers checkout or git directory")
 def test_diffusers_scheduler_suites_pass_on_our_classes():
     cmd = [sys.executable, str(SCRIPT), "--diffusers-src", diffusers_source(), "-q", "-p", "no:warnings",
-           "--tb=short"]
+           "--tb=short", "--show-capture=no"]
     if os.environ.get("DIFFUSERS_REF"):
         cmd += ["--ref", os.environ["DIFFUSERS_REF"]]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
