@@ -20,7 +20,7 @@ import torch
 def phi(k: int, z: float) -> float:
     """phi_k(z) = sum_m z^m / (m + k)!  (phi_0 = e^z, phi_{k+1} = (phi_k - 1/k!) / z), stable for small |z|."""
     if z == -math.inf:
-        return 0.0 if k > 0 else 0.0
+        return 0.0
     if abs(z) < 1.0:
         return sum(z ** m / math.factorial(m + k) for m in range(30))
     val = math.exp(z)

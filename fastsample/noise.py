@@ -23,7 +23,6 @@ class BrownianTree:
         self.u0, self.u1, self.tol = u0, u1, tol
         self.seeds = [int(s) for s in seeds]
         self.shape = tuple(shape)
-        self.per = (len(self.seeds),) if len(self.seeds) > 1 else ()
         if len(self.seeds) > 1 and self.shape[0] != len(self.seeds):
             raise ValueError(f"one seed per sample: got {len(self.seeds)} seeds for batch {self.shape[0]}")
         self.w1 = self._normal(0, 0) * math.sqrt(math.exp(u1) - math.exp(u0))

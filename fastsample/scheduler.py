@@ -68,6 +68,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._tree = None
+        self._threshold = self._make_threshold()
 
     def _resolve_spacing(self) -> str:
         """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
@@ -263,7 +264,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             return z.to(device=like.device, dtype=like.dtype)
         return randn_tensor(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
 
-    def _threshold(self):
+    def _make_threshold(self):
         cfg = self.config
         if not cfg.get("thresholding", False):
             return None
@@ -289,7 +290,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
         pred = P.convert(out, x, self.config.prediction_type, g.alpha[i], g.sigma[i], self.solver.prediction,
-                         self._threshold())
+                         self._threshold)
         state = self._state if self._state.index == i else replace(self._state, index=i)
         noise = self._noise(i, x, generator, variance_noise) if self.solver.needs_noise(g, i) else None
         x_next, self._state = self.solver.step(g, state, x, pred, noise)

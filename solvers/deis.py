@@ -56,7 +56,9 @@ from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F40
 
 class DEISScheduler(FastScheduler):
     """Drop-in for diffusers' ``DEISMultistepScheduler``: ``solver_type="tab"`` (default, the paper's tAB-DEIS) or
-    ``"logrho"`` (equal to diffusers' DEIS); ``final_sigmas_type`` "sigma_min" (default, as diffusers) or "zero"."""
+    ``"logrho"`` (equal to diffusers' DEIS); ``final_sigmas_type`` "sigma_min" (default, as diffusers) or "zero".
+    The config stores the tAB form as ``deis_type="tab"`` with ``solver_type="logrho"``: diffusers' schedulers raise
+    on solver_type values they do not know, and must still be able to load this config."""
 
     _peer_values = {"algorithm_type": {"dpmsolver": "deis", "dpmsolver++": "deis", "sde-dpmsolver": "deis",
                                        "sde-dpmsolver++": "deis"},
