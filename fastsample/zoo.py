@@ -1,0 +1,62 @@
+"""The shipped Fashion-MNIST models: diffusers UNet2DModels trained by scripts/train.py (VP, diffusers' linear
+betas, 1000 steps, epsilon prediction), saved with save_pretrained (safetensors) under fastsample/models/<name>."""
+from __future__ import annotations
+
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def _unet(channels, layers, attention_last=True, groups=8, num_class_embeds=None):
+    n = len(channels)
+    down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D" if attention_last else "DownBlock2D"]
+    up = ["AttnUpBlock2D" if attention_last else "UpBlock2D"] + ["UpBlock2D"] * (n - 1)
+    cfg = dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=tuple(channels), layers_per_block=layers,
+               down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=groups, attention_head_dim=32)
+    if num_class_embeds is not None:
+        cfg["num_class_embeds"] = num_class_embeds
+    return cfg
+
+
+# name -> (UNet2DModel config, number of classes or None).  The conditional model's label 10 is the null label
+# (10% label dropout in training), so classifier-free guidance works.
+MODEL_CONFIGS = {
+    "fmnist-small": (_unet((16, 32, 32), 1), None),
+    "fmnist-large": (_unet((32, 64, 96), 2), None),
+    "fmnist-cond": (_unet((32, 64, 96), 2, num_class_embeds=11), 10),
+}
+NULL_LABEL = 10
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                        prediction_type="epsilon")
+
+
+def check_name(name: str) -> str:
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"model must be one of {tuple(MODEL_CONFIGS)}, got {name!r}")
+    return name
+
+
+def build(name: str):
+    """A freshly initialised UNet2DModel with the named model's architecture."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**MODEL_CONFIGS[check_name(name)][0])
+
+
+def available() -> list[str]:
+    return [n for n in MODEL_CONFIGS if (MODELS_DIR / n / "config.json").is_file()]
+
+
+def load(name: str, device=None, dtype=None):
+    """The shipped model ``name`` (EMA weights) as a diffusers UNet2DModel in eval mode."""
+    from diffusers import UNet2DModel
+
+    check_name(name)
+    path = MODELS_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {name!r} is not shipped yet (no {path}); shipped: {available() or 'none'}. "
+                                f"Train it with: python scripts/train.py --model {name}")
+    model = UNet2DModel.from_pretrained(path)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
