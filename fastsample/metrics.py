@@ -63,8 +63,75 @@ def extract(net: FeatureNet, images: torch.Tensor, batch_size: int = 500, logits
     return torch.cat([fn(images[i:i + batch_size].float()) for i in range(0, len(images), batch_size)]).double()
 
 
-def statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = features.cpu().numpy().astype(np.float64)
+class CleanFIDExtractor(nn.Module):
+    """The feature network in clean-fid's convention, to pass as ``custom_feat_extractor``: a batch of B x 3 x 32 x 32
+    (or B x 1 x 32 x 32) images as floats in [0, 255] (what clean-fid's folder loader yields for 8-bit images, with
+    ``custom_fn_resize=keep_size``) -> B x 128 features."""
+
+    def __init__(self, net: FeatureNet | None = None):
+        super().__init__()
+        self.net = net or FeatureNet.load()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.ndim != 4 or batch.shape[1] not in (1, 3) or batch.shape[2:] != (32, 32):
+            raise ValueError(f"batch must be B x 3 x 32 x 32 (or B x 1 x 32 x 32) in [0, 255], got {tuple(batch.shape)}")
+        return self.net.features(batch[:, :1].float() / 127.5 - 1.0)
+
+
+def keep_size(img: np.ndarray) -> np.ndarray:
+    """clean-fid's resize hook for our network: the 32 x 32 images stay as they are."""
+    return img
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> 8-bit pixel values as floats in [0, 255], as a saved PNG holds them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+FEATURES = ("fmnist", "inception")
+
+
+def feature_extractor(feature: str = "fmnist", device="cpu"):
+    """A clean-fid feature extractor: ``"fmnist"`` (offline, shipped) or ``"inception"`` (clean-fid's Inception-V3,
+    whose weights clean-fid downloads on first use; offline that fails with a clear error)."""
+    if feature == "fmnist":
+        return CleanFIDExtractor().to(device)
+    if feature == "inception":
+        from cleanfid.features import build_feature_extractor
+
+        try:
+            return build_feature_extractor("clean", torch.device(device), use_dataparallel=False)
+        except Exception as e:  # no network and no cached weights
+            raise RuntimeError(f"feature='inception' needs clean-fid's Inception weights, which could not be loaded "
+                               f"({type(e).__name__}: {e}); use feature='fmnist' offline") from e
+    raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, feature: str = "fmnist", extractor=None, batch_size: int = 500,
+             device="cpu") -> np.ndarray:
+    """clean-fid features of N x 1 x 32 x 32 images in [-1, 1], quantised to 8 bits first (as PNGs would be), through
+    clean-fid's own ``get_batch_features``.  Inception gets clean-fid's "clean" PIL-bicubic resize to 299 x 299."""
+    from cleanfid.fid import get_batch_features
+
+    if images.ndim != 4 or images.shape[1:] != (1, 32, 32):
+        raise ValueError(f"images must be N x 1 x 32 x 32 in [-1, 1], got {tuple(images.shape)}")
+    from cleanfid.resize import build_resizer
+
+    extractor = extractor or feature_extractor(feature, device)
+    resize = build_resizer("clean") if feature == "inception" else None
+    out = []
+    for i in range(0, len(images), batch_size):
+        px = to_pixels(images[i:i + batch_size]).expand(-1, 3, -1, -1)
+        if resize is not None:
+            px = torch.stack([torch.from_numpy(resize(p.permute(1, 2, 0).numpy().astype(np.uint8))).permute(2, 0, 1)
+                              for p in px]).float()
+        out.append(get_batch_features(px, extractor, torch.device(device)))
+    return np.concatenate(out).astype(np.float64)
+
+
+def statistics(feats) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(feats.cpu().numpy() if isinstance(feats, torch.Tensor) else feats, dtype=np.float64)
     return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -74,9 +141,9 @@ def frechet(stats1, stats2) -> float:
     return float(frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1]))
 
 
-def fid_between(images1: torch.Tensor, images2: torch.Tensor, net: FeatureNet | None = None) -> float:
-    net = net or FeatureNet.load()
-    return frechet(statistics(extract(net, images1)), statistics(extract(net, images2)))
+def fid_between(images1: torch.Tensor, images2: torch.Tensor, feature: str = "fmnist", extractor=None) -> float:
+    extractor = extractor or feature_extractor(feature)
+    return frechet(statistics(features(images1, feature, extractor)), statistics(features(images2, feature, extractor)))
 
 
 def _digest(*tensors) -> str:
@@ -86,29 +153,50 @@ def _digest(*tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def reference_statistics(images: torch.Tensor, net: FeatureNet | None = None, cache_dir=CACHE_DIR):
-    """(mu, sigma) of ``images``' features, cached under a hash of the images and the network's weights."""
-    net = net or FeatureNet.load()
-    key = _digest(images, *net.state_dict().values())
-    path = Path(cache_dir) / f"fmnist-features-{key}.safetensors"
+def reference_statistics(images: torch.Tensor, feature: str = "fmnist", extractor=None, cache_dir=CACHE_DIR):
+    """(mu, sigma) of ``images``' features, computed once and cached under a hash of the images and the extractor's
+    weights."""
+    extractor = extractor or feature_extractor(feature)
+    key = _digest(images, *extractor.state_dict().values())
+    path = Path(cache_dir) / f"{feature}-{key}.safetensors"
     if path.is_file():
         d = load_file(str(path))
         return d["mu"].numpy(), d["sigma"].numpy()
-    mu, sigma = statistics(extract(net, images))
+    mu, sigma = statistics(features(images, feature, extractor))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, str(path))
     return mu, sigma
 
 
-def fid(samples: torch.Tensor, reference=None, net: FeatureNet | None = None) -> float:
+def fid(samples: torch.Tensor, reference=None, feature: str = "fmnist", extractor=None) -> float:
     """FID of ``samples`` (N x 1 x 32 x 32 in [-1, 1]) against the Fashion-MNIST train split (or ``reference``
-    images), on the shipped feature network."""
-    net = net or FeatureNet.load()
+    images), with clean-fid on the shipped feature network (or Inception)."""
+    extractor = extractor or feature_extractor(feature)
     if reference is None:
         from .data import load_fashion_mnist
 
         reference = load_fashion_mnist("train")[0]
-    return frechet(statistics(extract(net, samples)), reference_statistics(reference, net))
+    return frechet(statistics(features(samples, feature, extractor)), reference_statistics(reference, feature, extractor))
+
+
+def save_pngs(images: torch.Tensor, folder) -> Path:
+    """Write N x 1 x H x W images in [-1, 1] as 8-bit grey PNGs 000000.png, 000001.png, ..."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, px in enumerate(to_pixels(images).to(torch.uint8)[:, 0].cpu().numpy()):
+        Image.fromarray(px).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def fid_folders(folder1, folder2, batch_size: int = 500) -> float:
+    """FID between two folders of 32 x 32 PNGs, read by clean-fid's own loader, on the shipped feature network."""
+    from cleanfid import fid as cfid
+
+    return float(cfid.compute_fid(str(folder1), str(folder2), mode="clean", custom_feat_extractor=CleanFIDExtractor(),
+                                  custom_fn_resize=keep_size, num_workers=0, batch_size=batch_size,
+                                  device=torch.device("cpu"), verbose=False))
 
 
 def trajectory_error(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -117,6 +205,7 @@ def trajectory_error(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def class_accuracy(samples: torch.Tensor, labels: torch.Tensor, net: FeatureNet | None = None) -> float:
-    """Share of conditional samples the classifier assigns to their intended class."""
+    """Share of conditional samples the shipped classifier assigns to their intended class (8-bit pixels first)."""
     net = net or FeatureNet.load()
-    return float((extract(net, samples, logits=True).argmax(1).cpu() == labels.cpu()).double().mean())
+    quantised = to_pixels(samples) / 127.5 - 1.0
+    return float((extract(net, quantised, logits=True).argmax(1).cpu() == labels.cpu()).double().mean())

@@ -19,9 +19,9 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
     """
     if scheduler is None or isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler or "unipc")
-    if timesteps is not None or sigmas is not None:
-        num_inference_steps = None
-    scheduler.set_timesteps(num_inference_steps, device=noise.device, timesteps=timesteps, sigmas=sigmas)
+    custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+    # diffusers' schedulers take only the keywords they know (DPMSolverMultistepScheduler has no sigmas=)
+    scheduler.set_timesteps(None if custom else num_inference_steps, device=noise.device, **custom)
     x = noise * scheduler.init_noise_sigma
     nfe = 0
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):

@@ -42,13 +42,14 @@ def save_checkpoint(out: Path, model, ema: dict, opt, step: int, args, losses):
     if moments:
         save_file(moments, str(out / "optimizer.safetensors"))
     state = {"step": step, "model": args.model, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-             "ema_decay": args.ema_decay, "recent_loss": sum(losses) / max(1, len(losses))}
+             "ema_decay": args.ema_decay, "weighting": args.weighting, "recent_loss": sum(losses) / max(1, len(losses))}
     (out / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def load_checkpoint(out: Path, model, ema: dict, opt) -> int:
+def load_checkpoint(out: Path, model, ema: dict, opt) -> tuple[int, bool]:
+    """(step, whether the AdamW moments were restored)."""
     if not (out / "state.json").is_file():
-        return 0
+        return 0, True
     state = json.loads((out / "state.json").read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -56,14 +57,24 @@ def load_checkpoint(out: Path, model, ema: dict, opt) -> int:
             params[k].copy_(v)
         for k, v in load_file(str(out / "ema.safetensors")).items():
             ema[k].copy_(v)
-    if (out / "optimizer.safetensors").is_file():  # absent when only the weights were kept: AdamW restarts its moments
+    has_moments = (out / "optimizer.safetensors").is_file()
+    if has_moments:  # absent when only the weights were kept (git keeps those): AdamW restarts, with a new warmup
         moments = load_file(str(out / "optimizer.safetensors"))
         for name, p in params.items():
             if f"exp_avg.{name}" in moments:
                 opt.state[p] = {"step": torch.tensor(float(state["step"])),
                                 "exp_avg": moments[f"exp_avg.{name}"].to(p.device),
                                 "exp_avg_sq": moments[f"exp_avg_sq.{name}"].to(p.device)}
-    return int(state["step"])
+    return int(state["step"]), has_moments
+
+
+def loss_weight(abar: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-sample weight of the epsilon MSE.  "edm": EDM's weighting (sigma^2 + sd^2) / (sigma sd)^2 of the x0 error,
+    which on the epsilon error is 1 + sigma^2 / sd^2 with sigma^2 = (1 - abar) / abar and sd^2 = 0.5, capped at 100.
+    It makes the network predict the noise accurately at high noise, where the data prediction divides by alpha."""
+    if weighting == "uniform":
+        return torch.ones_like(abar)
+    return (1 + (1 - abar) / abar / 0.5).clamp(max=100.0)
 
 
 def export(out: Path, name: str):
@@ -84,6 +95,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weighting", default="edm", choices=("edm", "uniform"), help="per-noise-level loss weight")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1, help="conditional model: share of null labels")
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +120,9 @@ def main(argv=None):
     model = zoo.build(args.model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
-    step = load_checkpoint(out, model, ema, opt)
+    step, has_moments = load_checkpoint(out, model, ema, opt)
+    warm_from = 0 if has_moments else step
+    model = model.to(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
     model, opt = acc.prepare(model, opt)
     device = acc.device
     abar = torch.cumprod(1 - make_betas(), 0).to(device)  # diffusers' float32 training schedule
@@ -133,10 +147,11 @@ def main(argv=None):
             y = labels[idx].clone()
             y[torch.rand(len(y), generator=g).to(device) < args.label_dropout] = zoo.NULL_LABEL
             kw["class_labels"] = y
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = args.lr * min(1.0, (step + 1 - warm_from) / args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = torch.nn.functional.mse_loss(model(xt, t, **kw).sample, noise)
+        err = (model(xt.contiguous(memory_format=torch.channels_last), t, **kw).sample - noise).square().mean((1, 2, 3))
+        loss = (loss_weight(a.view(-1), args.weighting) * err).mean()
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)

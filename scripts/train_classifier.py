@@ -1,6 +1,6 @@
 """Train the Fashion-MNIST feature network used for FID (fastsample.metrics.FeatureNet) and ship it.
 
-    python scripts/train_classifier.py [--epochs 3] [--threads 1]
+    python scripts/train_classifier.py [--epochs 5] [--threads 1]
 
 Writes fastsample/models/fmnist-features/{model.safetensors, config.json}; the config records the test accuracy.
 """
@@ -17,7 +17,7 @@ from fastsample.metrics import FEATURES_DIR, FeatureNet, extract
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

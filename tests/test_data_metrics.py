@@ -12,7 +12,8 @@ import torch
 
 from fastsample import zoo
 from fastsample.data import load_fashion_mnist, read_idx
-from fastsample.metrics import FeatureNet, class_accuracy, extract, fid_between, reference_statistics, trajectory_error
+from fastsample.metrics import (CleanFIDExtractor, FeatureNet, class_accuracy, extract, fid, fid_between, fid_folders,
+                                feature_extractor, features, reference_statistics, save_pngs, trajectory_error)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,33 +86,65 @@ def test_training_resumes_exactly(tiny_dataset, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def blobs(n, seed, shift=0.0):
+    """Garment-like test images: a bright blob of random size and place on a dark background."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    c = 16 + 4 * torch.randn(n, 2, 1, 1, generator=g)
+    r = 5 + 3 * torch.rand(n, 1, 1, generator=g)
+    d = ((ys - c[:, 0]) ** 2 + (xs - c[:, 1]) ** 2).sqrt()
+    return (torch.tanh((r - d) * 0.8)[:, None] + shift).clamp(-1, 1)
+
+
 def test_fid_self_near_zero_and_shifted_clearly_above():
-    torch.manual_seed(0)
-    net = FeatureNet().eval()
-    g = torch.Generator().manual_seed(1)
-    base = torch.tanh(torch.randn(600, 1, 32, 32, generator=g))
-    assert abs(fid_between(base, base, net)) < 1e-6
-    other = torch.tanh(torch.randn(600, 1, 32, 32, generator=g))  # same distribution, other draws
-    shifted = (base + 0.5).clamp(-1, 1)
-    f_same, f_shift = fid_between(base, other, net), fid_between(base, shifted, net)
-    assert f_shift > 10 * f_same and f_shift > 0
+    """On the shipped feature network, through clean-fid: a set against itself ~ 0, against other draws of the same
+    distribution small, against a brightened copy clearly above."""
+    ext = feature_extractor("fmnist")
+    base, other, shifted = blobs(600, 1), blobs(600, 2), blobs(600, 1, shift=0.6)
+    assert abs(fid_between(base, base, extractor=ext)) < 1e-6
+    f_same, f_shift = fid_between(base, other, extractor=ext), fid_between(base, shifted, extractor=ext)
+    assert f_shift > 10 * f_same and f_shift > 1.0, (f_same, f_shift)
+
+
+def test_fid_of_png_folders_equals_the_tensor_path(tmp_path):
+    """clean-fid reading 8-bit PNGs with its own loader gives the FID of the tensor path (which quantises the same)."""
+    a, b = blobs(300, 3), blobs(300, 4, shift=0.3)
+    by_folder = fid_folders(save_pngs(a, tmp_path / "a"), save_pngs(b, tmp_path / "b"))
+    assert by_folder == pytest.approx(fid_between(a, b), rel=1e-6, abs=1e-8)
+
+
+def test_features_are_the_network_on_8bit_pixels():
+    net = FeatureNet.load()
+    x = blobs(40, 5)
+    direct = extract(net, ((x + 1) * 127.5).round() / 127.5 - 1)
+    assert np.allclose(features(x, extractor=CleanFIDExtractor(net)), direct.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="feature must be one of"):
+        feature_extractor("clip")
+    with pytest.raises(ValueError, match="images must be N x 1 x 32 x 32"):
+        features(torch.zeros(2, 3, 32, 32), extractor=CleanFIDExtractor(net))
+
+
+def test_shipped_feature_network_accuracy():
+    cfg = json.loads((ROOT / "fastsample" / "models" / "fmnist-features" / "config.json").read_text())
+    assert cfg["test_accuracy"] >= 0.90
 
 
 def test_reference_statistics_are_cached(tmp_path):
-    net = FeatureNet().eval()
+    ext = CleanFIDExtractor(FeatureNet().eval())
     imgs = torch.rand(50, 1, 32, 32) * 2 - 1
-    mu, sigma = reference_statistics(imgs, net, cache_dir=tmp_path)
+    mu, sigma = reference_statistics(imgs, extractor=ext, cache_dir=tmp_path)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"
-    mu2, sigma2 = reference_statistics(imgs, net, cache_dir=tmp_path)
+    mu2, sigma2 = reference_statistics(imgs, extractor=ext, cache_dir=tmp_path)
     assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    assert fid(imgs, reference=imgs, extractor=ext) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_trajectory_error_and_class_accuracy():
     x = torch.randn(4, 3)
     assert trajectory_error(x, x) == 0 and trajectory_error(2 * x, x) == pytest.approx(1.0)
     net = FeatureNet().eval()
-    imgs = torch.rand(20, 1, 32, 32) * 2 - 1
+    imgs = ((torch.rand(20, 1, 32, 32) * 255).round() / 127.5 - 1)  # already 8-bit
     pred = extract(net, imgs, logits=True).argmax(1)
     assert class_accuracy(imgs, pred, net) == 1.0
     assert class_accuracy(imgs, (pred + 1) % 10, net) == 0.0
