@@ -5,6 +5,7 @@ Images come as float tensors in [-1, 1], padded to 32x32 (N x 1 x 32 x 32), with
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from pathlib import Path
@@ -90,3 +91,18 @@ def load_fashion_mnist(split: str = "train", path=None, pad: int = 2) -> tuple[t
     if pad:
         x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def image_grid(x: torch.Tensor, scale: int = 4):
+    """N x 1 x H x W images in [-1, 1] -> a PIL image: a near-square grid with 2-pixel gaps, upscaled ``scale`` x."""
+    from PIL import Image
+
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2), dtype=np.uint8)
+    imgs = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, cols)
+        canvas[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)

@@ -11,15 +11,14 @@ is known in closed form.  The default is fmnist-large once it is shipped, the sh
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 from fastsample import make_scheduler, sample, zoo
+from fastsample.data import image_grid
+from fastsample.guidance.cfg import ClassifierFreeGuidance
 from fastsample.schedules import DiscreteVP, make_betas
 from fastsample.testbeds import shapes_mixture
 
@@ -36,40 +35,14 @@ class ImageModel:
         return self.testbed(x.reshape(x.shape[0], -1), t).reshape(x.shape)
 
 
-class GuidedModel:
-    """Classifier-free guidance for the conditional UNet: eps_u + w (eps_c - eps_u), one batched call."""
-
-    def __init__(self, unet, labels, scale):
-        self.unet, self.labels, self.scale = unet, labels, scale
-
-    def __call__(self, x, t):
-        null = torch.full_like(self.labels, zoo.NULL_LABEL)
-        out = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([null, self.labels])).sample
-        uncond, cond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
-
-
 def make_model(name, num, size, guidance_scale):
     if name == "shapes":
         return ImageModel(shapes_mixture(size, schedule=DiscreteVP(make_betas())), size)
     unet = zoo.load(name)
     if zoo.MODEL_CONFIGS[name][1]:
         labels = torch.arange(num) % zoo.MODEL_CONFIGS[name][1]
-        return GuidedModel(unet, labels, guidance_scale)
+        return ClassifierFreeGuidance(unet, labels, guidance_scale, zoo.NULL_LABEL)
     return lambda x, t: unet(x, t).sample
-
-
-def grid_image(x: torch.Tensor) -> Image.Image:
-    n = x.shape[0]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w = x.shape[-2:]
-    canvas = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2), dtype=np.uint8)
-    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()
-    for k, img in enumerate(imgs):
-        r, c = divmod(k, cols)
-        canvas[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
-    return Image.fromarray(canvas).resize((canvas.shape[1] * 4, canvas.shape[0] * 4), Image.NEAREST)
 
 
 def main(argv=None):
@@ -99,7 +72,7 @@ def main(argv=None):
     took = time.perf_counter() - start
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    grid_image(x).save(args.out)
+    image_grid(x).save(args.out)
     print(f"{args.num} samples from {args.model} with {type(scheduler).__name__} at {nfe} model calls "
           f"in {took:.2f} s -> {args.out}")
 
