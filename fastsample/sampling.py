@@ -23,11 +23,12 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
     # diffusers' schedulers take only the keywords they know (DPMSolverMultistepScheduler has no sigmas=)
     scheduler.set_timesteps(None if custom else num_inference_steps, device=noise.device, **custom)
     x = noise * scheduler.init_noise_sigma
+    step_kw = {} if generator is None else {"generator": generator}  # diffusers' DEIS and UniPC take no generator
     nfe = 0
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
         out = _output(model(scheduler.scale_model_input(x, t), t, **model_kwargs))
         nfe += 1
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, **step_kw).prev_sample
         if callback is not None:
             y = callback(i, t, x)
             x = x if y is None else y

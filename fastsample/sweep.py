@@ -88,12 +88,17 @@ class Task:
             return fid(samples.cpu())
         from .metrics import trajectory_error
 
-        s0, s1 = float(scheduler.sigmas[0]), float(scheduler.sigmas[-1])
-        x_T = noise.double() * float(scheduler.init_noise_sigma)
-        key = (hash(x_T.numpy().tobytes()), s0, s1)
+        # the reference is the exact ODE solution over the interval the scheduler integrates: from its first timestep
+        # (diffusers' DDIM "leading" spacing starts below 999) to its last sigma (DEIS stops at sigma_min; DDIM, with
+        # set_alpha_to_one, at clean data)
+        t0 = int(scheduler.timesteps[0])
+        alpha0 = float(self.testbed.schedule.alpha_sigma(torch.tensor(float(t0), dtype=torch.float64))[0])
+        s0 = math.sqrt(1 - alpha0 ** 2) / alpha0
+        s1 = float(scheduler.sigmas[-1]) if hasattr(scheduler, "sigmas") else 0.0
+        x_T = noise.double()
+        key = (hash(x_T.numpy().tobytes()), t0, s1)
         if key not in self._exact:  # rtol 1e-9: far below any error a cell measures
-            a0, a1 = 1 / math.sqrt(1 + s0 ** 2), 1 / math.sqrt(1 + s1 ** 2)
-            self._exact[key] = self.testbed.exact_solution(x_T, s0, s1, a0, a1, rtol=1e-9)
+            self._exact[key] = self.testbed.exact_solution(x_T, s0, s1, alpha0, 1 / math.sqrt(1 + s1 ** 2), rtol=1e-9)
         return trajectory_error(samples, self._exact[key])
 
 
@@ -190,7 +195,7 @@ def render(records: list[dict], plot=None, table=None) -> str:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, vals in by.items():
             xs = sorted(vals)
-            ax.plot(xs, [vals[x] for x in xs], marker="o", label=name,
+            ax.plot(xs, [vals[x] for x in xs], marker="x" if name.startswith("diffusers") else "o", label=name,
                     linestyle="--" if name.startswith("diffusers") else "-")
         if floor is not None:
             ax.axhline(floor[metric], color="k", linewidth=0.8, label=f"floor ({floor['nfe']} NFE)")

@@ -11,7 +11,7 @@ import pytest
 from fastsample.sweep import Task, read_records, render, run_cell, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEDS, NFES = ["ddim", "unipc3", "diffusers-dpm++2m"], [3, 5]
+SCHEDS, NFES = ["ddim", "unipc3", "diffusers-dpm++2m", "diffusers-deis"], [3, 5]
 
 
 class Interrupt(Exception):
