@@ -49,15 +49,69 @@ def integrate(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsi
               generator=None, threshold=None):
     """The scheduler-free loop over a ``Solver`` and a ``Grid``: returns the sample at the grid's last level.
     ``model_time(i)`` gives the model's time input at node i (default: the grid's native time)."""
+    return trajectory(model, x, solver, grid, prediction_type, model_time, generator, threshold,
+                      keep=[grid.num_steps])[0]
+
+
+def trajectory(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsilon", model_time=None,
+               generator=None, threshold=None, keep=None, **model_kwargs) -> list:
+    """As ``integrate``, returning the samples at the grid nodes listed in ``keep`` (every node if None; node 0 is
+    ``x`` itself).  ``model_kwargs`` (class labels, ...) go to every model call."""
     from .parameterization import convert
 
+    keep = set(range(grid.num_steps + 1) if keep is None else keep)
+    out = [x] if 0 in keep else []
     state = solver.init(grid)
     for i in range(grid.num_steps):
         t = grid.t[i] if model_time is None else model_time(i)
-        pred = convert(_output(model(x, t)), x, prediction_type, grid.alpha[i], grid.sigma[i], solver.prediction,
-                       threshold)
+        pred = convert(_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[i], grid.sigma[i],
+                       solver.prediction, threshold)
         noise = None
         if solver.needs_noise(grid, i):
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x, state = solver.step(grid, state, x, pred, noise)
-    return x
+        if i + 1 in keep:
+            out.append(x)
+    return out
+
+
+def refine(grid, schedule, per_step: int):
+    """A grid with ``per_step`` steps in every interval of ``grid``, uniform in native time, that passes through every
+    node of ``grid`` exactly (so a fine solve can be read off at the coarse levels).  Returns (fine grid, the fine
+    indices of the coarse nodes)."""
+    from .schedules import F64
+    from .solver import Grid
+
+    if per_step < 1:
+        raise ValueError(f"per_step must be >= 1, got {per_step}")
+    cols = {"alpha": [], "sigma": [], "lam": [], "t": []}
+    nodes = []
+    for j in range(grid.num_steps):
+        nodes.append(len(cols["t"]))
+        for key in cols:
+            cols[key].append(getattr(grid, key)[j])
+        inner = torch.linspace(grid.t[j], grid.t[j + 1], per_step + 1, dtype=F64)[1:-1]
+        if len(inner):
+            a, s = schedule.alpha_sigma(inner)
+            cols["alpha"] += a.tolist()
+            cols["sigma"] += s.tolist()
+            cols["lam"] += (torch.log(a) - torch.log(s)).tolist()
+            cols["t"] += inner.tolist()
+    nodes.append(len(cols["t"]))
+    for key in cols:
+        cols[key].append(getattr(grid, key)[-1])
+    return Grid(tuple(cols["alpha"]), tuple(cols["sigma"]), tuple(cols["lam"]), tuple(cols["t"])), nodes
+
+
+def reference_states(model, noise: torch.Tensor, scheduler, per_step: int = 20, **model_kwargs) -> list:
+    """The teacher: a many-step UniPC-3 solve from ``noise`` through the levels of ``scheduler``'s current grid
+    (``set_timesteps`` first), ``per_step`` steps per interval; returns the sample at each of the grid's nodes."""
+    from .solvers import UniPC
+
+    grid = scheduler._grid
+    if grid is None:
+        raise RuntimeError("call scheduler.set_timesteps(...) before reference_states")
+    fine, nodes = refine(grid, scheduler.schedule, per_step)
+    x = noise * scheduler.init_noise_sigma
+    return trajectory(model, x, UniPC(3), fine, scheduler.config.prediction_type, scheduler.model_time(fine),
+                      keep=nodes, **model_kwargs)

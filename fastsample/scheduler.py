@@ -211,6 +211,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
     def _last_timestep(self) -> int:
         return self.config.num_train_timesteps
 
+    def model_time(self, grid: Grid):
+        """i -> the model's time input at node i of ``grid`` (fractional in general): the native time for VP models,
+        t * num_train_timesteps for flow models, as ``timesteps`` holds for the scheduler's own grid."""
+        scale = self.config.num_train_timesteps if self.flow is not None else 1.0
+        return lambda i: grid.t[i] * scale
+
     def _sigma_bounds(self) -> tuple[float, float]:
         """The VE sigma range of the sigma spacings: config ``sigma_min`` / ``sigma_max`` (diffusers' UniPC keys)
         where set, else the trained range of the discrete schedule (diffusers uses it for flow models too)."""

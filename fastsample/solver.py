@@ -73,6 +73,9 @@ class Solver:
     prediction = "x0"
     stochastic = False
     has_corrector = False
+    # an optional ``compensation(grid, i, history) -> history``, applied after the corrector and before the predictor
+    # (DC-Solver's dynamic compensation); the history it returns is what the solver keeps
+    compensation = None
 
     def __init__(self, order: int = 2):
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
@@ -127,6 +130,8 @@ class Solver:
             rule = self._cached(state, ("c", i, k), lambda: self.corrector_rule(grid, i, k))
             if rule is not None:
                 x = combine(rule.cx, state.last_x, rule.coefs, hist)
+        if self.compensation is not None:
+            hist = self.compensation(grid, i, hist)
         k = self.step_order(grid, i, self.usable(grid, i, len(hist)))
         rule = self._cached(state, ("p", i, k), lambda: self.rule(grid, i, k))
         x_next = combine(rule.cx, x, rule.coefs, hist, rule.noise, noise)

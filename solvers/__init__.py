@@ -1,6 +1,8 @@
 """fastsample's solvers, each a drop-in diffusers scheduler."""
+from .dc_solver import CPR, DCSolverScheduler, DynamicCompensation, fit_dc_ratios
 from .deis import DEIS, DEISScheduler
 from .dpm_solver_pp import DPMSolverPlusPlus, DPMSolverPlusPlusScheduler
 from .unipc import UniPC, UniPCScheduler
 
-__all__ = ["DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "UniPC", "UniPCScheduler"]
+__all__ = ["CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler",
+           "DynamicCompensation", "UniPC", "UniPCScheduler", "fit_dc_ratios"]

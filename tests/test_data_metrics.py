@@ -150,3 +150,13 @@ def test_trajectory_error_and_class_accuracy():
     assert class_accuracy(imgs, (pred + 1) % 10, net) == 0.0
     with pytest.raises(ValueError, match="images must be N x 1 x 32 x 32"):
         extract(net, torch.zeros(2, 3, 32, 32))
+
+
+def test_inception_features_or_a_clear_error():
+    """Where clean-fid's Inception weights load, FID features are 2048-d; offline, a clear error names the fix."""
+    try:
+        ext = feature_extractor("inception")
+    except RuntimeError as e:
+        assert "Inception weights" in str(e) and "feature='fmnist'" in str(e)
+        return
+    assert features(blobs(4, 0), "inception", ext).shape == (4, 2048)

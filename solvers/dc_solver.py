@@ -1,0 +1,237 @@
+"""DC-Solver (arXiv 2409.03755): dynamic compensation of the predictor-corrector's misalignment.
+
+After the corrector at step i, the newest buffered data prediction Q_i was evaluated at the uncorrected sample.
+Dynamic compensation replaces it by the Lagrange interpolation of Q_i, Q_{i-1}, Q_{i-2} (over model time t) at the
+shifted time t'_i = rho_i t_i + (1 - rho_i) t_{i-1}, before the predictor to t_{i+1}.  rho = 1 is the identity;
+steps 0 and 1 (fewer than three predictions) are never compensated.  One ratio per step is fitted greedily against
+a many-step teacher (``fit_dc_ratios``); cascade polynomial regression (``CPR``) predicts ratios for unseen
+NFE / guidance scales.  The compensation is a hook of the Solver base, so it plugs into DPM-Solver++ as well.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastsample.solver import Grid
+
+DC_ORDERS = (2,)
+BASE_SOLVERS = ("unipc", "dpmsolver++")
+FIRST_COMPENSATED = 2  # the first step with three buffered predictions
+
+
+def lagrange_at(t_new, nodes):
+    """Weights w_k with sum_k w_k f(nodes[k]) = p(t_new) for the polynomial p through the nodes; ``t_new`` may be a
+    tensor (weights then carry its gradient)."""
+    weights = []
+    for k, tk in enumerate(nodes):
+        w = 1.0
+        for m, tm in enumerate(nodes):
+            if m != k:
+                w = w * (t_new - tm) / (tk - tm)
+        weights.append(w)
+    return weights
+
+
+class DynamicCompensation:
+    """The compensation hook: ``ratios[i]`` for step i (a float, or a tensor while fitting)."""
+
+    def __init__(self, ratios, order: int = 2):
+        if order not in DC_ORDERS:
+            raise ValueError(f"dc_order must be one of {DC_ORDERS}, got {order!r}")
+        self.ratios, self.order = list(ratios), order
+
+    def __call__(self, grid: Grid, i: int, hist: tuple) -> tuple:
+        if i < FIRST_COMPENSATED or len(hist) < self.order + 1:
+            return hist
+        rho = self.ratios[i]
+        if not torch.is_tensor(rho) and rho == 1.0:
+            return hist
+        nodes = [grid.t[i - k] for k in range(self.order + 1)]
+        t_new = rho * nodes[0] + (1 - rho) * nodes[1]
+        q = sum(w * h for w, h in zip(lagrange_at(t_new, nodes), hist))
+        return (q,) + hist[1:]
+
+
+def check_ratios(ratios, num_steps: int) -> list[float]:
+    ratios = [float(r) for r in ratios]
+    if len(ratios) != num_steps:
+        raise ValueError(f"dc_ratios must have one ratio per step ({num_steps}), got {len(ratios)}")
+    bad = [r for r in ratios if not math.isfinite(r)]
+    if bad:
+        raise ValueError(f"dc_ratios must be finite, got {bad}")
+    return ratios
+
+
+# ---------------------------------------------------------------------------- cascade polynomial regression
+class CPR:
+    """rho(i) = sum_{k=0..3} a_k x^k, x = i/NFE, a_k = sum_j u_kj CFG'^(2-j), u_kj = sum_l c_kjl NFE'^(2-l) with
+    CFG' = CFG/12, NFE' = NFE/50: 36 coefficients c, linear in the features, fitted by least squares."""
+
+    def __init__(self, coefficients, base_solver: str):
+        c = np.asarray(coefficients, dtype=np.float64)
+        if c.shape != (36,) or not np.isfinite(c).all():
+            raise ValueError(f"CPR needs 36 finite coefficients, got shape {c.shape}")
+        if base_solver not in BASE_SOLVERS:
+            raise ValueError(f"base_solver must be one of {BASE_SOLVERS}, got {base_solver!r}")
+        self.coefficients, self.base_solver = c, base_solver
+
+    @staticmethod
+    def features(i, nfe: int, guidance: float) -> np.ndarray:
+        x, g, n = np.asarray(i, dtype=np.float64) / nfe, guidance / 12.0, nfe / 50.0
+        cols = [x ** k * g ** (2 - j) * n ** (2 - m) for k in range(4) for j in range(3) for m in range(3)]
+        return np.stack(cols, axis=-1)
+
+    @classmethod
+    def fit(cls, fitted: list[dict], base_solver: str) -> "CPR":
+        """``fitted``: dicts with "ratios" (one per step), "nfe" and "guidance_scale" (1 without guidance)."""
+        rows, targets = [], []
+        for f in fitted:
+            idx = np.arange(FIRST_COMPENSATED, f["nfe"])
+            rows.append(cls.features(idx, f["nfe"], f.get("guidance_scale", 1.0)))
+            targets.append(np.asarray(f["ratios"], dtype=np.float64)[idx])
+        coef, *_ = np.linalg.lstsq(np.concatenate(rows), np.concatenate(targets), rcond=None)
+        return cls(coef, base_solver)
+
+    def predict(self, nfe: int, guidance_scale: float = 1.0) -> list[float]:
+        rho = self.features(np.arange(nfe), nfe, guidance_scale) @ self.coefficients
+        rho[:FIRST_COMPENSATED] = 1.0
+        return rho.tolist()
+
+    def to_dict(self) -> dict:
+        return {"method": "dc-solver-cpr", "base_solver": self.base_solver, "coefficients": self.coefficients.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CPR":
+        if d.get("method") != "dc-solver-cpr":
+            raise ValueError(f"not a DC-Solver CPR file (method={d.get('method')!r})")
+        return cls(d["coefficients"], d["base_solver"])
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path) -> "CPR":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------- fitting
+def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: int, iterations: int = 30,
+                  lr: float = 0.1, per_step: int = 20, reference=None, **model_kwargs) -> list[float]:
+    """Greedy search of one ratio per step: for i = 2..N-1, AdamW on rho_i minimises the mean squared distance
+    between the sample the solver reaches at t_{i+1} (after the corrector, for UniPC) and the teacher's
+    (``fastsample.sampling.reference_states``, ``per_step`` UniPC-3 steps per interval, from the same noise).
+    The best ratio seen is kept.  ``model(x, t, **model_kwargs)`` returns the scheduler's ``prediction_type``."""
+    from fastsample import parameterization as P
+    from fastsample.sampling import _output, reference_states
+
+    scheduler.set_timesteps(num_inference_steps)
+    grid, solver, cfg = scheduler._grid, scheduler.solver, scheduler.config
+    n = grid.num_steps
+    with torch.no_grad():
+        ref = reference if reference is not None else reference_states(model, noise, scheduler, per_step, **model_kwargs)
+    saved, ratios = solver.compensation, [1.0] * n
+    solver.compensation = comp = DynamicCompensation(ratios, cfg.get("dc_order", 2))
+
+    def predict(x, i):
+        out = _output(model(x, scheduler.model_time(grid)(i), **model_kwargs))
+        return P.convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], solver.prediction)
+
+    def reach(state, x, pred, i):  # the sample at node i + 1 that the next step continues from
+        x1, st = solver.step(grid, state, x, pred)
+        if i + 1 == n:
+            return x1
+        return solver.step(grid, st, x1, predict(x1, i + 1))[1].last_x
+
+    try:
+        state, x = solver.init(grid), noise * scheduler.init_noise_sigma
+        for i in range(n):
+            with torch.no_grad():
+                pred = predict(x, i)
+            if i >= FIRST_COMPENSATED:
+                rho = torch.ones((), dtype=torch.float64, requires_grad=True)
+                opt = torch.optim.AdamW([rho], lr=lr)
+                best = (math.inf, 1.0)
+                for _ in range(iterations):
+                    comp.ratios[i] = rho
+                    loss = (reach(state, x, pred, i) - ref[i + 1]).square().mean()
+                    if loss.item() < best[0]:
+                        best = (loss.item(), rho.item())
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                ratios[i] = best[1]
+                comp.ratios[i] = best[1]
+            with torch.no_grad():
+                x, state = solver.step(grid, state, x, pred)
+    finally:
+        solver.compensation = saved
+    return ratios
+
+
+# ---------------------------------------------------------------------------- diffusers scheduler
+from diffusers.configuration_utils import register_to_config  # noqa: E402
+
+from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
+from fastsample.solver import Solver  # noqa: E402
+
+from .dpm_solver_pp import DPMSolverPlusPlus  # noqa: E402
+from .unipc import UniPC  # noqa: E402
+
+
+class DCSolverScheduler(FastScheduler):
+    """UniPC (or, with ``base_solver="dpmsolver++"``, DPM-Solver++) with dynamic compensation.  ``dc_ratios``: one
+    ratio per inference step (a JSON list in the config); or ``cpr``: a CPR dict (or a path to its JSON) that
+    predicts the ratios for any step count at ``cpr_guidance_scale``.  With neither, every ratio is 1: the base
+    solver exactly."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 3,
+                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, predict_x0: bool = True, solver_type: str = "bh1",
+                 lower_order_final: bool = True, disable_corrector: list = [], use_karras_sigmas: bool = False,  # noqa: B006
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_flow_sigmas: bool = False,
+                 flow_shift: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
+                 sigma_min: float | None = None, sigma_max: float | None = None, spacing: str | None = None,
+                 dc_ratios: list | None = None, dc_order: int = 2, base_solver: str = "unipc", cpr=None,
+                 cpr_guidance_scale: float = 1.0):
+        if base_solver not in BASE_SOLVERS:
+            raise ValueError(f"base_solver must be one of {BASE_SOLVERS}, got {base_solver!r}")
+        if dc_order not in DC_ORDERS:
+            raise ValueError(f"dc_order must be one of {DC_ORDERS}, got {dc_order!r}")
+        if dc_ratios is not None and cpr is not None:
+            raise ValueError("pass dc_ratios or cpr, not both")
+        if isinstance(cpr, (str, Path)):
+            self.register_to_config(cpr=CPR.load(cpr).to_dict())
+        if self.config.cpr is not None:
+            model = CPR.from_dict(self.config.cpr)
+            if model.base_solver != base_solver:
+                raise ValueError(f"the CPR file was fitted for base_solver={model.base_solver!r}, "
+                                 f"this scheduler uses {base_solver!r}")
+        if dc_ratios is not None:
+            check_ratios(dc_ratios, len(dc_ratios))
+        self._setup()
+
+    def make_solver(self) -> Solver:
+        c = self.config
+        if c.base_solver == "unipc":
+            solver = UniPC(c.solver_order, c.solver_type, c.predict_x0, c.lower_order_final, list(c.disable_corrector))
+        else:
+            solver = DPMSolverPlusPlus(c.solver_order, lower_order_final=c.lower_order_final)
+        return solver
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        c, n = self.config, self.num_inference_steps
+        if c.dc_ratios is not None:
+            ratios = check_ratios(c.dc_ratios, n)
+        elif c.cpr is not None:
+            ratios = CPR.from_dict(c.cpr).predict(n, c.cpr_guidance_scale)
+        else:
+            ratios = [1.0] * n
+        self.solver.compensation = DynamicCompensation(ratios, c.dc_order)
