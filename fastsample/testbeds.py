@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from .gaussian import pf_ode_gaussian
 from .parameterization import check_prediction_type, output_from
 from .schedules import F64, NoiseSchedule
 
@@ -122,10 +123,9 @@ class GaussianMixture:
         """The probability-flow ODE from VE level sigma_from to sigma_to (0 allowed): x_to for x_from = x.  Closed
         form for one Gaussian, DOP853 at ``rtol`` for a mixture."""
         shape, dtype = x.shape, x.dtype
-        if len(self.weights) == 1:
-            y = x.reshape(shape[0], -1).to(F64) / alpha_from - self.means[0]
-            scale = ((self.evals + sigma_to ** 2) / (self.evals + sigma_from ** 2)).sqrt()
-            y = self.means[0] + ((y @ self.evecs[0]) * scale[0]) @ self.evecs[0].T
+        if len(self.weights) == 1:  # VE view: alpha = 1, sigma = s
+            y = pf_ode_gaussian(x.reshape(shape[0], -1).to(F64) / alpha_from, self.means[0], self.evecs[0],
+                                self.evals[0], 1.0, sigma_from, 1.0, sigma_to)
             return (alpha_to * y).reshape(shape).to(dtype)
         from scipy.integrate import solve_ivp
 

@@ -1,0 +1,107 @@
+"""Analytic Gaussian teleportation (arXiv 2311.10892): the first part of the trajectory in closed form.
+
+At high noise a trained model's denoiser is close to that of a Gaussian with the data's mean and covariance, whose
+probability-flow ODE has a closed form (``fastsample.gaussian.pf_ode_gaussian``).  ``GaussianStats`` holds the mean
+and the (optionally top-r) eigendecomposition of the covariance; ``teleport`` moves noise to a later noise level with
+no model call.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastsample.gaussian import pf_ode_gaussian
+
+F64 = torch.float64
+
+
+@dataclass
+class GaussianStats:
+    mean: torch.Tensor    # D, float64
+    evecs: torch.Tensor   # D x r, orthonormal columns
+    evals: torch.Tensor   # r, descending, >= 0
+    shape: tuple          # the shape of one sample
+    count: int = 0        # samples the statistics were computed from
+
+    def __post_init__(self):
+        d = math.prod(self.shape)
+        if self.mean.shape != (d,) or self.evecs.shape[0] != d or self.evecs.shape[1] != self.evals.shape[0]:
+            raise ValueError(f"inconsistent statistics: mean {tuple(self.mean.shape)}, evecs {tuple(self.evecs.shape)}, "
+                             f"evals {tuple(self.evals.shape)} for samples of shape {self.shape}")
+        for name in ("mean", "evecs", "evals"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"the statistics' {name} contains NaN or Inf")
+
+    @property
+    def rank(self) -> int:
+        return self.evals.shape[0]
+
+    @classmethod
+    def from_moments(cls, n: int, total: torch.Tensor, outer: torch.Tensor, shape, rank: int | None = None):
+        if n < 2:
+            raise ValueError(f"need at least 2 samples, got {n}")
+        mean = total / n
+        cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+        evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        if rank is not None:
+            if not 1 <= rank <= len(evals):
+                raise ValueError(f"rank must be in [1, {len(evals)}], got {rank}")
+            evals, evecs = evals[:rank], evecs[:, :rank]
+        return cls(mean, evecs.contiguous(), evals.contiguous(), tuple(shape), n)
+
+    @classmethod
+    def from_samples(cls, x: torch.Tensor, rank: int | None = None) -> "GaussianStats":
+        """From an N x ... tensor of data samples (flattened per sample)."""
+        flat = x.reshape(len(x), -1).to(F64)
+        return cls.from_moments(len(flat), flat.sum(0), flat.T @ flat, x.shape[1:], rank)
+
+    @classmethod
+    def from_dataset(cls, batches, rank: int | None = None) -> "GaussianStats":
+        """Streaming over an iterable of batches (tensors, or tuples whose first item is the tensor, as a DataLoader
+        yields): only the running sum and sum of outer products (D x D) are held."""
+        n, total, outer, shape = 0, None, None, None
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            flat = x.reshape(len(x), -1).to(F64)
+            if total is None:
+                shape, total, outer = tuple(x.shape[1:]), flat.sum(0), flat.T @ flat
+            else:
+                if tuple(x.shape[1:]) != shape:
+                    raise ValueError(f"batches must share one sample shape: {shape} then {tuple(x.shape[1:])}")
+                total, outer = total + flat.sum(0), outer + flat.T @ flat
+            n += len(flat)
+        if total is None:
+            raise ValueError("from_dataset got no batches")
+        return cls.from_moments(n, total, outer, shape, rank)
+
+    def save(self, path):
+        save_file({"mean": self.mean.contiguous(), "evecs": self.evecs.contiguous(), "evals": self.evals.contiguous()},
+                  str(path), metadata={"shape": json.dumps(list(self.shape)), "count": str(self.count)})
+
+    @classmethod
+    def load(cls, path) -> "GaussianStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "shape" not in meta:
+            raise ValueError(f"{path} is not a GaussianStats file (no sample shape in its metadata)")
+        t = load_file(str(path))
+        return cls(t["mean"].to(F64), t["evecs"].to(F64), t["evals"].to(F64), tuple(json.loads(meta["shape"])),
+                   int(meta.get("count", 0)))
+
+    def teleport(self, noise: torch.Tensor, alpha_from: float, sigma_from: float, alpha_to: float,
+                 sigma_to: float) -> torch.Tensor:
+        """The Gaussian probability-flow ODE from ``noise`` (B x shape, at alpha_from, sigma_from) to (alpha_to,
+        sigma_to), in float64, returned in the noise's dtype and device."""
+        if tuple(noise.shape[1:]) != self.shape:
+            raise ValueError(f"the statistics are for samples of shape {self.shape}, got {tuple(noise.shape[1:])}")
+        flat = noise.reshape(len(noise), -1).detach().cpu().to(F64)
+        out = pf_ode_gaussian(flat, self.mean, self.evecs, self.evals, alpha_from, sigma_from, alpha_to, sigma_to)
+        return out.reshape(noise.shape).to(device=noise.device, dtype=noise.dtype)
