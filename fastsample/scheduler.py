@@ -69,6 +69,54 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._tree = None
         self._threshold = self._make_threshold()
+        self._teleport = self._load_teleport()
+        self._teleport_from = None  # (alpha, sigma) the teleported steps started from, once set_timesteps skips any
+
+    def _load_teleport(self):
+        """The config's teleportation: ``teleport_stats`` (a GaussianStats safetensors file) and where to jump to,
+        ``teleport_fraction`` of the steps (in [0, 1)) or ``teleport_sigma`` (a level in the units of ``sigmas``)."""
+        cfg = self.config
+        path, frac, sig = cfg.get("teleport_stats"), cfg.get("teleport_fraction", 0.0), cfg.get("teleport_sigma")
+        if not (isinstance(frac, (int, float)) and 0.0 <= frac < 1.0):
+            raise ValueError(f"teleport_fraction must be in [0, 1), got {frac!r}")
+        if sig is not None and not (isinstance(sig, (int, float)) and math.isfinite(sig) and sig > 0):
+            raise ValueError(f"teleport_sigma must be a positive number, got {sig!r}")
+        if sig is not None and frac:
+            raise ValueError("pass teleport_fraction or teleport_sigma, not both")
+        if (frac or sig is not None) and path is None:
+            raise ValueError("teleport_fraction / teleport_sigma need teleport_stats (a GaussianStats file)")
+        if path is None:
+            return None
+        from fastsample.solvers.teleport import GaussianStats
+
+        return GaussianStats.load(path)
+
+    def _teleport_skip(self, grid: Grid) -> int:
+        """How many leading steps of ``grid`` teleportation replaces (at least one step is left)."""
+        cfg = self.config
+        if self._teleport is None:
+            return 0
+        if cfg.get("teleport_sigma") is not None:
+            levels = self.sigmas.tolist()
+            k = next((j for j, v in enumerate(levels) if v <= cfg.teleport_sigma), grid.num_steps)
+        else:
+            k = round(cfg.teleport_fraction * grid.num_steps)
+        return min(k, grid.num_steps - 1)
+
+    def prepare_latents(self, noise: torch.Tensor, num_inference_steps: int | None = None) -> torch.Tensor:
+        """The starting latent for this scheduler: ``noise`` (x init_noise_sigma) moved in closed form, with no model
+        call, to the first level of the teleported schedule; ``noise`` itself when teleportation is off.  Pass
+        ``num_inference_steps`` to call ``set_timesteps`` first; a pipeline's own ``set_timesteps`` with the same
+        count keeps the same schedule: ``pipe(..., num_inference_steps=n, latents=sch.prepare_latents(noise, n))``."""
+        if num_inference_steps is not None:
+            self.set_timesteps(num_inference_steps)
+        x = noise * self.init_noise_sigma
+        if self._teleport is None or self._teleport_from is None:
+            return x
+        if self._grid is None:
+            raise RuntimeError("call set_timesteps() (or pass num_inference_steps) before prepare_latents")
+        (a0, s0), (a1, s1) = self._teleport_from, (self._grid.alpha[0], self._grid.sigma[0])
+        return self._teleport.teleport(x, a0, s0, a1, s1)
 
     def _resolve_spacing(self) -> str:
         """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
@@ -199,6 +247,11 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             grid = Grid.from_sigma_ve(vp, np.append(levels, final))
             model_t = torch.from_numpy(np.asarray(ts)).to(torch.int64)
             self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        skip, self._teleport_from = self._teleport_skip(grid), None
+        if skip:  # the tail of the same schedule: teleportation replaces the first ``skip`` steps
+            self._teleport_from = (grid.alpha[0], grid.sigma[0])
+            grid = Grid(grid.alpha[skip:], grid.sigma[skip:], grid.lam[skip:], grid.t[skip:])
+            model_t, self.sigmas = model_t[skip:], self.sigmas[skip:]
         self.timesteps = model_t.to(device) if device is not None else model_t
         self.num_inference_steps = grid.num_steps
         self._grid = grid

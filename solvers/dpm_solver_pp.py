@@ -138,7 +138,9 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
                  lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", eta: float | None = None,
-                 noise_type: str = "gaussian", spacing: str | None = None, third_order: str = "reference"):
+                 noise_type: str = "gaussian", spacing: str | None = None, third_order: str = "reference",
+                 teleport_stats: str | None = None, teleport_fraction: float = 0.0,
+                 teleport_sigma: float | None = None):
         if variance_type not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type must be None, 'learned' or 'learned_range', got {variance_type!r}")
         self._setup()

@@ -121,7 +121,9 @@ class UniPCScheduler(FastScheduler):
                  flow_shift: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min: float | None = None,
-                 sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None):
+                 sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None,
+                 teleport_stats: str | None = None, teleport_fraction: float = 0.0,
+                 teleport_sigma: float | None = None):
         if shift_terminal is not None and not use_flow_sigmas:
             raise ValueError("shift_terminal is only supported with use_flow_sigmas=True")
         self._setup()

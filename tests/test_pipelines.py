@@ -430,3 +430,22 @@ def test_scheduler_loop_half_precision(cls, dtype, sd_components):
             x = sched.step(out.to(dtype), t, x, generator=_gen(2)).prev_sample
             assert x.dtype == dtype
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("cls", OURS, ids=_ids)
+def test_sd_pipeline_with_teleport(cls, sd_components, tmp_path):
+    """pipe(..., latents=scheduler.prepare_latents(noise, n)): 2 of 5 steps in closed form, 3 UNet calls."""
+    from fastsample.solvers.teleport import GaussianStats
+
+    g = torch.Generator().manual_seed(0)
+    GaussianStats.from_samples(torch.randn(200, 4, SIZE // 2, SIZE // 2, generator=g) * 0.5 + 0.1, rank=16).save(
+        tmp_path / "latents.safetensors")
+    sched = cls(**SD_BETAS, teleport_stats=str(tmp_path / "latents.safetensors"), teleport_fraction=0.4)
+    pipe = sd_pipe(sd_components, sched)
+    noise = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=g)
+    latents = sched.prepare_latents(noise, 5)
+    assert not torch.equal(latents, noise)
+    with UNetCalls(sd_components["unet"]) as calls:
+        images = run_sd(pipe, num_inference_steps=5, guidance_scale=3.0, latents=latents)
+    assert np.isfinite(images).all() and calls.n == 3
+    assert calls.timesteps == pipe.scheduler.timesteps.tolist() and len(pipe.scheduler.timesteps) == 3

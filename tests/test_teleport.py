@@ -77,3 +77,80 @@ def test_bad_input(data, tmp_path):
         GaussianStats.from_samples(data, rank=13)
     with pytest.raises(ValueError, match="sigma_from must be > 0"):
         stats.teleport(torch.zeros(1, 2, 3, 2), 1.0, 0.0, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------- schedulers
+from fastsample import sample  # noqa: E402
+from fastsample.schedules import DiscreteVP, make_betas  # noqa: E402
+from fastsample.solvers import DCSolverScheduler, DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler  # noqa: E402
+from fastsample.testbeds import GaussianMixture  # noqa: E402
+
+ALL = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler, DCSolverScheduler]
+
+
+@pytest.fixture(scope="module")
+def gauss_testbed(tmp_path_factory):
+    """A 64-d Gaussian data set: the testbed model is its exact denoiser, the statistics are fitted on samples."""
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=F64))
+    cov = q @ torch.diag(2.0 * torch.arange(1, 65, dtype=F64) ** -1.5) @ q.T
+    model = GaussianMixture.gaussian(0.3 * torch.randn(64, generator=g, dtype=F64), cov, schedule=DiscreteVP(make_betas()))
+    path = tmp_path_factory.mktemp("stats") / "gauss.safetensors"
+    GaussianStats.from_samples(model.sample_data(20000, g)).save(path)
+    return model, path
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_fraction_zero_is_the_base_scheduler_exactly(cls, gauss_testbed):
+    model, path = gauss_testbed
+    noise = torch.randn(6, 64, generator=torch.Generator().manual_seed(0), dtype=F64)
+    base, _ = sample(model, noise, cls(), 8, progress=False)
+    off = cls(teleport_stats=str(path), teleport_fraction=0.0)
+    assert torch.equal(off.prepare_latents(noise, 8), noise)
+    same, _ = sample(model, off.prepare_latents(noise, 8), off, 8, progress=False)
+    assert torch.equal(same, base)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_teleport_skips_steps_and_keeps_quality(cls, gauss_testbed, tmp_path):
+    """30% of 10 steps in closed form: 7 model calls; on Gaussian data teleporting is exact, so the error against the
+    teacher is no worse than the full 10-step solve, and better than 7 plain steps."""
+    from fastsample.sampling import reference_states
+
+    model, path = gauss_testbed
+    noise = torch.randn(50, 64, generator=torch.Generator().manual_seed(1), dtype=F64)
+    full = cls()
+    full.set_timesteps(10)
+    ref = reference_states(model, noise, full)[-1]
+    err = lambda x: float((x - ref).norm() / ref.norm())  # noqa: E731
+    tele = cls(teleport_stats=str(path), teleport_fraction=0.3)
+    x, calls = sample(model, tele.prepare_latents(noise, 10), tele, 10, progress=False)
+    assert calls == 7 and len(tele.timesteps) == 7
+    x10, _ = sample(model, noise, cls(), 10, progress=False)
+    x7, _ = sample(model, noise, cls(), 7, progress=False)
+    assert err(x) <= 1.05 * err(x10) and err(x) < err(x7)
+    by_sigma = cls(teleport_stats=str(path), teleport_sigma=float(tele.sigmas[0]))
+    by_sigma.set_timesteps(10)
+    assert torch.equal(by_sigma.timesteps, tele.timesteps)
+    tele.save_pretrained(tmp_path / "s")
+    again = cls.from_pretrained(tmp_path / "s")
+    assert again.config.teleport_fraction == 0.3 and torch.equal(again.prepare_latents(noise, 10),
+                                                                   tele.prepare_latents(noise, 10))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(teleport_fraction=1.0), r"teleport_fraction must be in \[0, 1\)"),
+    (dict(teleport_fraction=-0.1), r"teleport_fraction must be in \[0, 1\)"),
+    (dict(teleport_sigma=-1.0), "teleport_sigma must be a positive number"),
+    (dict(teleport_fraction=0.2, teleport_stats=None), "need teleport_stats"),
+])
+def test_bad_teleport_config(kw, match, gauss_testbed):
+    kw = {"teleport_stats": str(gauss_testbed[1]), **kw}
+    with pytest.raises(ValueError, match=match):
+        UniPCScheduler(**kw)
+
+
+def test_statistics_for_another_shape_are_rejected(gauss_testbed):
+    sch = UniPCScheduler(teleport_stats=str(gauss_testbed[1]), teleport_fraction=0.2)
+    with pytest.raises(ValueError, match=r"samples of shape \(64,\), got \(1, 8, 8\)"):
+        sch.prepare_latents(torch.zeros(2, 1, 8, 8), 10)
