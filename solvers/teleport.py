@@ -105,3 +105,41 @@ class GaussianStats:
         flat = noise.reshape(len(noise), -1).detach().cpu().to(F64)
         out = pf_ode_gaussian(flat, self.mean, self.evecs, self.evals, alpha_from, sigma_from, alpha_to, sigma_to)
         return out.reshape(noise.shape).to(device=noise.device, dtype=noise.dtype)
+
+    def denoise(self, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """E[x0 | x] for x = alpha x0 + sigma eps under this Gaussian (outside a low-rank basis: the mean)."""
+        flat = x.reshape(len(x), -1).detach().cpu().to(F64) - alpha * self.mean
+        coords = flat @ self.evecs
+        x0 = self.mean + (coords * (alpha * self.evals / (alpha ** 2 * self.evals + sigma ** 2))) @ self.evecs.T
+        return x0.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def choose_teleport_fraction(model, scheduler, stats: GaussianStats, num_inference_steps: int, probes: torch.Tensor,
+                             tol: float = 0.05, **model_kwargs) -> tuple[float, list[float]]:
+    """The largest share of the ``num_inference_steps`` steps whose end point can be reached by teleporting: at each
+    node k of the scheduler's grid (without teleportation), the probes' noise is teleported there and the model's
+    data prediction compared with the Gaussian's: the RMS difference over the data's standard deviation (the root of
+    the covariance's trace), per probe; the fraction is k/N
+    for the largest k whose nodes 0..k all stay within ``tol``.  Returns (fraction, the error at each node)."""
+    from fastsample import parameterization as P
+    from fastsample.sampling import _output
+
+    if not 0 < tol:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    base = type(scheduler).from_config({**scheduler.config, "teleport_fraction": 0.0, "teleport_sigma": None,
+                                        "teleport_stats": None})
+    base.set_timesteps(num_inference_steps)
+    grid, errors, fraction = base._grid, [], 0.0
+    scale = math.sqrt(len(probes) * float(stats.evals.sum()))  # the data's spread around its mean, per probe
+    x_T = probes * base.init_noise_sigma
+    for k in range(grid.num_steps):
+        a, s = grid.alpha[k], grid.sigma[k]
+        x = stats.teleport(x_T, grid.alpha[0], grid.sigma[0], a, s) if k else x_T
+        out = _output(model(x, base.timesteps[k], **model_kwargs))
+        x0_model = P.convert(out.to(F64), x.to(F64), base.config.prediction_type, a, s, "x0")
+        x0_gauss = stats.denoise(x, a, s).to(F64)
+        errors.append(float((x0_model - x0_gauss).norm() / scale))
+        if all(e <= tol for e in errors):
+            fraction = k / grid.num_steps
+    return fraction, errors

@@ -154,3 +154,18 @@ def test_statistics_for_another_shape_are_rejected(gauss_testbed):
     sch = UniPCScheduler(teleport_stats=str(gauss_testbed[1]), teleport_fraction=0.2)
     with pytest.raises(ValueError, match=r"samples of shape \(64,\), got \(1, 8, 8\)"):
         sch.prepare_latents(torch.zeros(2, 1, 8, 8), 10)
+
+
+def test_choose_teleport_fraction(gauss_testbed):
+    """On Gaussian data the model is the Gaussian: every node qualifies (errors ~ 0, fraction (N-1)/N); a model that
+    is Gaussian only at high noise stops where it departs."""
+    from fastsample.solvers.teleport import choose_teleport_fraction
+
+    model, path = gauss_testbed
+    stats = GaussianStats.load(path)
+    probes = torch.randn(8, 64, generator=torch.Generator().manual_seed(5), dtype=F64)
+    frac, errors = choose_teleport_fraction(model, UniPCScheduler(), stats, 10, probes, tol=0.05)
+    assert frac == 0.9 and max(errors) < 0.05
+    other = GaussianMixture.random(dim=64, components=4, seed=1, spread=3.0, schedule=DiscreteVP(make_betas()))
+    frac2, errors2 = choose_teleport_fraction(other, UniPCScheduler(), stats, 10, probes, tol=0.05)
+    assert frac2 < 0.9 and errors2[-1] > 0.05

@@ -1,0 +1,51 @@
+"""Gaussian statistics of Fashion-MNIST for analytic teleportation, and the teleport point for a zoo model.
+
+    python scripts/teleport_stats.py                                   # -> fastsample/models/fmnist-gaussian.safetensors
+    python scripts/teleport_stats.py --model fmnist-large --nfe 5 6 8 10 --tol 0.05   # + the largest safe fraction
+
+The statistics (train split, in the models' [-1, 1] space, top --rank eigenpairs) stream over the data in batches.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fastsample import zoo
+from fastsample.data import load_fashion_mnist
+from fastsample.solvers import UniPCScheduler
+from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
+
+DEFAULT_OUT = zoo.MODELS_DIR / "fmnist-gaussian.safetensors"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's package or torchvision)")
+    p.add_argument("--model", default=None, choices=tuple(n for n, c in zoo.MODEL_CONFIGS.items() if not c[1]))
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
+    p.add_argument("--tol", type=float, default=0.05)
+    p.add_argument("--probes", type=int, default=16)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_file():
+        images, _ = load_fashion_mnist("train", args.data)
+        stats = GaussianStats.from_dataset((images[i:i + 5000] for i in range(0, len(images), 5000)), rank=args.rank)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(out)
+        print(f"statistics of {stats.count} images, rank {stats.rank} -> {out}")
+    stats = GaussianStats.load(out)
+    if args.model:
+        unet = zoo.load(args.model)
+        probes = torch.randn(args.probes, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+        for nfe in args.nfe:
+            frac, errors = choose_teleport_fraction(lambda x, t: unet(x.float(), t).sample, UniPCScheduler(**zoo.SCHEDULER_CONFIG),
+                                                    stats, nfe, probes, args.tol)
+            print(f"NFE {nfe}: teleport_fraction {frac:.2f} (errors per node: {', '.join(f'{e:.3f}' for e in errors)})")
+
+
+if __name__ == "__main__":
+    main()
