@@ -118,6 +118,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         (a0, s0), (a1, s1) = self._teleport_from, (self._grid.alpha[0], self._grid.sigma[0])
         return self._teleport.teleport(x, a0, s0, a1, s1)
 
+    def restart_history(self):
+        """Forget the multistep history (the next step is first order, with no corrector): T-Stitch's option when
+        the model changes mid-trajectory."""
+        if self._state is not None:
+            self._state = replace(self._state, history=(), orders=(), last_x=None)
+
     def _resolve_spacing(self) -> str:
         """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
         cfg = self.config
