@@ -93,10 +93,18 @@ def refine(grid, schedule, per_step: int):
         inner = torch.linspace(grid.t[j], grid.t[j + 1], per_step + 1, dtype=F64)[1:-1]
         if len(inner):
             a, s = schedule.alpha_sigma(inner)
-            cols["alpha"] += a.tolist()
-            cols["sigma"] += s.tolist()
-            cols["lam"] += (torch.log(a) - torch.log(s)).tolist()
-            cols["t"] += inner.tolist()
+            lam = torch.log(a) - torch.log(s)
+            # only levels strictly between the ends (near t_min a schedule can be flat in t, and sigma_min -> 0
+            # is a single step) and strictly increasing in lambda
+            lo, keep = grid.lam[j], []
+            for k, v in enumerate(lam.tolist()):
+                if lo < v < grid.lam[j + 1]:
+                    keep.append(k)
+                    lo = v
+            cols["alpha"] += a[keep].tolist()
+            cols["sigma"] += s[keep].tolist()
+            cols["lam"] += lam[keep].tolist()
+            cols["t"] += inner[keep].tolist()
     nodes.append(len(cols["t"]))
     for key in cols:
         cols[key].append(getattr(grid, key)[-1])

@@ -178,6 +178,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         strictly decreasing) or ``sigmas`` (noise levels, strictly decreasing; VE sigma for VP models, t for flow
         models; a trailing 0 is taken as the final level) must be given.  Resets all solver state."""
         cfg = self.config
+        learned = cfg.get("learned_timesteps")
+        if learned is not None and num_inference_steps is not None:  # the config carries a learned schedule
+            if num_inference_steps != len(learned):
+                raise ValueError(f"this scheduler carries a learned {len(learned)}-step schedule (learned_timesteps): "
+                                 f"num_inference_steps must be {len(learned)}, got {num_inference_steps}")
+            num_inference_steps, timesteps = None, learned
         given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                 ("sigmas", sigmas)) if v is not None]
         if len(given) != 1:
