@@ -91,10 +91,10 @@ def main(argv=None):
                 with torch.no_grad():
                     samples.append(sample(fn, noise, make_named_scheduler("unipc3"), nfe, progress=False)[0])
             ms = 1000 * (time.perf_counter() - start) / args.num
+            batches = -(-args.num // args.batch_size)
+            small_calls = model.calls[0] // batches if isinstance(model, StitchedModel) else (nfe if f == 1 else 0)
             record = {"small": args.small, "large": args.large, "nfe": nfe, "fraction": f, "num": args.num,
-                      "ms_per_image": round(ms, 3), "fid": fid(torch.cat(samples)),
-                      "small_calls": getattr(model, "calls", [0, 0])[0] // max(1, -(-args.num // args.batch_size))
-                      if f not in (0, 1) else (nfe if f == 1 else 0)}
+                      "ms_per_image": round(ms, 3), "fid": fid(torch.cat(samples)), "small_calls": small_calls}
             with out.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)

@@ -119,8 +119,8 @@ def choose_teleport_fraction(model, scheduler, stats: GaussianStats, num_inferen
                              tol: float = 0.05, **model_kwargs) -> tuple[float, list[float]]:
     """The largest share of the ``num_inference_steps`` steps whose end point can be reached by teleporting: at each
     node k of the scheduler's grid (without teleportation), the probes' noise is teleported there and the model's
-    data prediction compared with the Gaussian's: the RMS difference over the data's standard deviation (the root of
-    the covariance's trace), per probe; the fraction is k/N
+    noise prediction (the ODE's velocity) compared with the Gaussian's, ||eps_model - eps_gauss|| / ||eps_gauss||
+    (in x0 space the model's own error at high noise would dominate, amplified by sigma/alpha); the fraction is k/N
     for the largest k whose nodes 0..k all stay within ``tol``.  Returns (fraction, the error at each node)."""
     from fastsample import parameterization as P
     from fastsample.sampling import _output
@@ -131,15 +131,14 @@ def choose_teleport_fraction(model, scheduler, stats: GaussianStats, num_inferen
                                         "teleport_stats": None})
     base.set_timesteps(num_inference_steps)
     grid, errors, fraction = base._grid, [], 0.0
-    scale = math.sqrt(len(probes) * float(stats.evals.sum()))  # the data's spread around its mean, per probe
     x_T = probes * base.init_noise_sigma
     for k in range(grid.num_steps):
         a, s = grid.alpha[k], grid.sigma[k]
         x = stats.teleport(x_T, grid.alpha[0], grid.sigma[0], a, s) if k else x_T
         out = _output(model(x, base.timesteps[k], **model_kwargs))
-        x0_model = P.convert(out.to(F64), x.to(F64), base.config.prediction_type, a, s, "x0")
-        x0_gauss = stats.denoise(x, a, s).to(F64)
-        errors.append(float((x0_model - x0_gauss).norm() / scale))
+        eps_model = P.convert(out.to(F64), x.to(F64), base.config.prediction_type, a, s, "eps")
+        eps_gauss = (x.to(F64) - a * stats.denoise(x, a, s).to(F64)) / s
+        errors.append(float((eps_model - eps_gauss).norm() / eps_gauss.norm()))
         if all(e <= tol for e in errors):
             fraction = k / grid.num_steps
     return fraction, errors
