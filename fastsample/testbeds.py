@@ -61,6 +61,15 @@ class GaussianMixture:
         return cls(mean[None], torch.as_tensor(cov, dtype=F64)[None], **kw)
 
     @classmethod
+    def image_like(cls, dim: int = 64, seed: int = 0, mean_scale: float = 0.5, **kw) -> "GaussianMixture":
+        """One Gaussian with an image-like spectrum: eigenvalues 2 k^-1.5 (k = 1..dim) in a random orthonormal basis,
+        and a random mean of scale ``mean_scale``."""
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))
+        cov = q @ torch.diag(2.0 * torch.arange(1, dim + 1, dtype=F64) ** -1.5) @ q.T
+        return cls.gaussian(mean_scale * torch.randn(dim, generator=g, dtype=F64), cov, **kw)
+
+    @classmethod
     def fit(cls, x: torch.Tensor, labels: torch.Tensor | None = None, shrinkage: float = 1e-3, **kw) -> "GaussianMixture":
         """Fit to data ``x`` (N x ...; flattened): one Gaussian, or with ``labels`` one component per label with its
         share of the data as weight.  ``shrinkage`` adds that multiple of the mean variance to each diagonal, so

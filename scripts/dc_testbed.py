@@ -28,10 +28,7 @@ def testbed(name: str) -> GaussianMixture:
 
         d = load_digits()
         return GaussianMixture.fit(torch.tensor(d.images, dtype=F64) / 8 - 1, torch.tensor(d.target), schedule=vp)
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=F64))
-    cov = q @ torch.diag(2.0 * torch.arange(1, 65, dtype=F64) ** -1.5) @ q.T
-    return GaussianMixture.gaussian(0.5 * torch.randn(64, generator=g, dtype=F64), cov, schedule=vp)
+    return GaussianMixture.image_like(64, seed=0, mean_scale=0.5, schedule=vp)
 
 
 def error(model, ratios, nfe, noise, base):

@@ -16,7 +16,7 @@ import torch
 
 from fastsample import make_scheduler, zoo
 from fastsample.guidance.cfg import ClassifierFreeGuidance
-from fastsample.solvers.learned_schedule import learn_schedule
+from fastsample.solvers.learned_schedule import learn_schedule, validation_error
 
 
 def main(argv=None):
@@ -50,8 +50,6 @@ def main(argv=None):
         start = time.time()
         s = learn_schedule(model_for(args.num), sch, train, nfe, fine_steps=args.fine_steps)
         took = time.time() - start
-        from fastsample.solvers.learned_schedule import validation_error
-
         s.validation_error = validation_error(model_for(args.validation), sch, s, held_out)
         s.extra.update(model=args.model, fit_seconds=round(took, 1),
                        guidance_scale=args.guidance_scale if classes else None)

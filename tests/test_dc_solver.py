@@ -22,11 +22,7 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def gaussian():
     """A 64-d Gaussian with an image-like spectrum (eigenvalues ~ k^-1.5) and a non-zero mean."""
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=F64))
-    evals = 2.0 * torch.arange(1, 65, dtype=F64) ** -1.5
-    return GaussianMixture.gaussian(0.5 * torch.randn(64, generator=g, dtype=F64), q @ torch.diag(evals) @ q.T,
-                                    schedule=DiscreteVP(make_betas()))
+    return GaussianMixture.image_like(64, seed=0, mean_scale=0.5, schedule=DiscreteVP(make_betas()))
 
 
 def held_out_error(model, ratios, nfe, noise, **cfg):

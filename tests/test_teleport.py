@@ -91,10 +91,8 @@ ALL = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler, DCSolverSchedu
 @pytest.fixture(scope="module")
 def gauss_testbed(tmp_path_factory):
     """A 64-d Gaussian data set: the testbed model is its exact denoiser, the statistics are fitted on samples."""
-    g = torch.Generator().manual_seed(3)
-    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=F64))
-    cov = q @ torch.diag(2.0 * torch.arange(1, 65, dtype=F64) ** -1.5) @ q.T
-    model = GaussianMixture.gaussian(0.3 * torch.randn(64, generator=g, dtype=F64), cov, schedule=DiscreteVP(make_betas()))
+    model = GaussianMixture.image_like(64, seed=3, mean_scale=0.3, schedule=DiscreteVP(make_betas()))
+    g = torch.Generator().manual_seed(4)
     path = tmp_path_factory.mktemp("stats") / "gauss.safetensors"
     GaussianStats.from_samples(model.sample_data(20000, g)).save(path)
     return model, path
