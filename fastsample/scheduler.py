@@ -64,6 +64,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=np.float32))
         self.sigmas = torch.exp(self.vp.log_sigmas).float()
         self._grid: Grid | None = None
+        self._scales = None
         self._state = None
         self._step_index = None
         self._begin_index = None
@@ -176,18 +177,25 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                       mu: float | None = None):
         """Build the step grid.  Exactly one of ``num_inference_steps``, ``timesteps`` (model timesteps,
         strictly decreasing) or ``sigmas`` (noise levels, strictly decreasing; VE sigma for VP models, t for flow
-        models; a trailing 0 is taken as the final level) must be given.  Resets all solver state."""
+        models; a trailing 0 is taken as the final level) must be given, or ``sigmas`` and ``timesteps`` together: the
+        levels from ``sigmas`` and the model's time at each from ``timesteps`` (a learned schedule with decoupled
+        model time).  Resets all solver state."""
         cfg = self.config
         learned = cfg.get("learned_timesteps")
         if learned is not None and num_inference_steps is not None:  # the config carries a learned schedule
             if num_inference_steps != len(learned):
                 raise ValueError(f"this scheduler carries a learned {len(learned)}-step schedule (learned_timesteps): "
                                  f"num_inference_steps must be {len(learned)}, got {num_inference_steps}")
-            num_inference_steps, timesteps = None, learned
+            num_inference_steps, timesteps, sigmas = None, learned, cfg.get("learned_sigmas")
         given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                 ("sigmas", sigmas)) if v is not None]
-        if len(given) != 1:
-            raise ValueError(f"pass exactly one of num_inference_steps, timesteps or sigmas, got {given or 'none'}")
+        decoupled = given == ["timesteps", "sigmas"]
+        if len(given) != 1 and not decoupled:
+            raise ValueError(f"pass exactly one of num_inference_steps, timesteps or sigmas (or sigmas and timesteps "
+                             f"together), got {given or 'none'}")
+        model_times = None
+        if decoupled:
+            model_times, timesteps = np.asarray(timesteps, dtype=np.float64), None
         if mu is not None and not cfg.get("use_dynamic_shifting", False):
             raise ValueError("mu is only used with use_dynamic_shifting=True")
         if cfg.get("use_dynamic_shifting", False) and mu is None and timesteps is None and sigmas is None:
@@ -257,8 +265,16 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"the final sigma ({final:.6g}, final_sigmas_type={cfg.final_sigmas_type!r}) must be "
                                  f"below the last level {levels[-1]:.6g}: use final_sigmas_type='zero'")
             grid = Grid.from_sigma_ve(vp, np.append(levels, final))
-            model_t = torch.from_numpy(np.asarray(ts)).to(torch.int64)
+            ts = np.asarray(ts, dtype=np.float64)
+            # integer timesteps stay int64 (diffusers' convention); fractional ones (a learned schedule's exact
+            # levels) reach the model as they are
+            model_t = torch.from_numpy(ts).to(torch.int64) if np.array_equal(ts, np.round(ts)) else torch.from_numpy(ts).float()
             self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        if model_times is not None:
+            if len(model_times) != len(model_t) or not np.isfinite(model_times).all():
+                raise ValueError(f"timesteps (the model's time at each level) must be {len(model_t)} finite numbers, "
+                                 f"one per level in sigmas, got {model_times.tolist()}")
+            model_t = torch.from_numpy(model_times).float()
         skip, self._teleport_from = self._teleport_skip(grid), None
         if skip:  # the tail of the same schedule: teleportation replaces the first ``skip`` steps
             self._teleport_from = (grid.alpha[0], grid.sigma[0])
@@ -266,6 +282,14 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             model_t, self.sigmas = model_t[skip:], self.sigmas[skip:]
         self.timesteps = model_t.to(device) if device is not None else model_t
         self.num_inference_steps = grid.num_steps
+        scales = cfg.get("learned_scales")
+        if scales is not None:  # per-step scales of the model's prediction, learned with the schedule
+            if len(scales) != grid.num_steps or not all(math.isfinite(v) and v > 0 for v in scales):
+                raise ValueError(f"learned_scales must be {grid.num_steps} positive finite numbers (one per step), "
+                                 f"got {list(scales)}")
+            self._scales = [float(v) for v in scales]
+        else:
+            self._scales = None
         self._grid = grid
         self._state = self.solver.init(grid)
         self._step_index = None
@@ -362,6 +386,8 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         g = self._grid
         pred = P.convert(out, x, self.config.prediction_type, g.alpha[i], g.sigma[i], self.solver.prediction,
                          self._threshold)
+        if self._scales is not None:
+            pred = pred * self._scales[i]
         state = self._state if self._state.index == i else replace(self._state, index=i)
         noise = self._noise(i, x, generator, variance_noise) if self.solver.needs_noise(g, i) else None
         x_next, self._state = self.solver.step(g, state, x, pred, noise)

@@ -91,6 +91,71 @@ class GaussianMixture:
         weights = torch.tensor([len(g) for g in groups], dtype=F64)
         return cls(means, covs, weights, **kw)
 
+    # ---- targets built from mixtures (Feynman-Kac correctors' exactness tests) -----------------------
+    def _like(self, means, covs, weights) -> "GaussianMixture":
+        return GaussianMixture(means, covs, weights, self.schedule, self.prediction_type, self.time_scale)
+
+    def product(self, other: "GaussianMixture") -> "GaussianMixture":
+        """The normalised product p1 p2, exactly: component (i, j) is N(m, C) with C = (S_i^-1 + G_j^-1)^-1,
+        m = C (S_i^-1 mu_i + G_j^-1 nu_j), weight a_i b_j N(mu_i; nu_j, S_i + G_j) (normalised), in order i-major."""
+        if other.dim != self.dim:
+            raise ValueError(f"dimensions differ: {self.dim} and {other.dim}")
+        means, covs, logw = [], [], []
+        for i in range(len(self.weights)):
+            for j in range(len(other.weights)):
+                pi, pj = torch.linalg.inv(self.covs[i]), torch.linalg.inv(other.covs[j])
+                C = torch.linalg.inv(pi + pj)
+                means.append(C @ (pi @ self.means[i] + pj @ other.means[j]))
+                covs.append(0.5 * (C + C.T))
+                z = torch.distributions.MultivariateNormal(other.means[j], self.covs[i] + other.covs[j])
+                logw.append(torch.log(self.weights[i] * other.weights[j]) + z.log_prob(self.means[i]))
+        return self._like(torch.stack(means), torch.stack(covs), torch.softmax(torch.stack(logw), 0))
+
+    def annealed(self, beta: float) -> "GaussianMixture":
+        """p^beta (normalised) in the limit of well-separated components: N(mu_k, S_k / beta) with weights
+        proportional to w_k^beta |S_k|^((1 - beta) / 2) (the integral of N^beta up to a common factor)."""
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        logdet = torch.log(self.evals.clamp_min(1e-300)).sum(1)
+        logw = beta * torch.log(self.weights) + 0.5 * (1 - beta) * logdet
+        return self._like(self.means, self.covs / beta, torch.softmax(logw, 0))
+
+    def geometric_mean(self, other: "GaussianMixture", w: float) -> "GaussianMixture":
+        """p_self^(1-w) p_other^w (normalised) for two mixtures whose components share their means, in the limit of
+        well-separated components: component k is N(mu_k, P_k^-1) with precision P_k = (1-w) S_k^-1 + w G_k^-1
+        (it must be positive definite) and weight proportional to
+        a_k^(1-w) b_k^w |S_k|^(-(1-w)/2) |G_k|^(-w/2) |P_k|^(-1/2) (the integral of the product of powers)."""
+        if other.means.shape != self.means.shape or not torch.equal(other.means, self.means):
+            raise ValueError("geometric_mean needs two mixtures whose components have the same means")
+        prec = (1 - w) * torch.linalg.inv(self.covs) + w * torch.linalg.inv(other.covs)
+        evals = torch.linalg.eigvalsh(prec)
+        if (evals <= 0).any():
+            raise ValueError(f"(1 - w) S^-1 + w G^-1 is not positive definite for w = {w}: no normalisable target")
+        logdet = lambda m: torch.logdet(m)  # noqa: E731
+        logw = ((1 - w) * (torch.log(self.weights) - 0.5 * logdet(self.covs))
+                + w * (torch.log(other.weights) - 0.5 * logdet(other.covs)) - 0.5 * torch.log(evals).sum(1))
+        return self._like(self.means, torch.linalg.inv(prec), torch.softmax(logw, 0))
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data's mean and covariance: sum_k w_k mu_k and sum_k w_k (S_k + mu_k mu_k^T) - mean mean^T."""
+        mean = self.weights @ self.means
+        second = torch.einsum("k,kde->de", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
+        return mean, second - torch.outer(mean, mean)
+
+    def component_log_probs(self, x: torch.Tensor, s: float = 0.0) -> torch.Tensor:
+        """log w_k + log N(y; mu_k, S_k + s^2 I) for y = x [B, d] (VE level s): [B, K]."""
+        diff = x.reshape(len(x), -1).to(F64)[:, None, :] - self.means[None]
+        proj = torch.einsum("bkd,kde->bke", diff, self.evecs)
+        var = (self.evals[None] + s * s).clamp_min(1e-300)
+        return (torch.log(self.weights)[None] - 0.5 * torch.log(2 * math.pi * var).sum(-1)
+                - 0.5 * (proj ** 2 / var).sum(-1))
+
+    def component_shares(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The (weighted) share of samples ``x`` nearest, by posterior, to each component: [K]."""
+        k = self.component_log_probs(x).argmax(1)
+        w = torch.full((len(x),), 1.0 / len(x), dtype=F64) if weights is None else weights.to(F64) / weights.sum()
+        return torch.zeros(len(self.weights), dtype=F64).index_add_(0, k, w)
+
     # ---- closed forms in the VE view -------------------------------------------------------------
     def denoise(self, y: torch.Tensor, s: float) -> torch.Tensor:
         """E[x0 | y] at VE noise level s for y of shape [B, d] (float64)."""
@@ -104,18 +169,14 @@ class GaussianMixture:
         return (gamma[..., None] * post).sum(1)
 
     def log_density(self, y: torch.Tensor, s: float) -> torch.Tensor:
-        diff = y[:, None, :] - self.means[None]
-        proj = torch.einsum("bkd,kde->bke", diff, self.evecs)
-        var = self.evals[None] + s * s
-        logp = (torch.log(self.weights)[None] - 0.5 * torch.log(2 * math.pi * var).sum(-1) - 0.5 * (proj ** 2 / var).sum(-1))
-        return torch.logsumexp(logp, dim=1)
+        return torch.logsumexp(self.component_log_probs(y, s), dim=1)
 
     # ---- the model -----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, t, **kwargs) -> torch.Tensor:
         if self.schedule is None:
             raise ValueError("this testbed has no schedule: pass schedule= to use it as a model")
         tt = torch.as_tensor(t, dtype=F64).reshape(-1)[0] / self.time_scale
-        a, s = (float(v) for v in self.schedule.alpha_sigma(tt))
+        a, s = self.schedule.alpha_sigma(tt)  # tensors: the output is differentiable in t (learned schedules)
         shape, dtype = x.shape, x.dtype
         xf = x.reshape(shape[0], -1).to(F64)
         x0 = self.denoise(xf / a, s / a)
@@ -176,3 +237,62 @@ def shapes_mixture(size: int = 32, schedule: NoiseSchedule | None = None, predic
         U = basis.T * scale.sqrt() * math.sqrt(d) * 0.25
         covs.append(U @ U.T + 1e-3 * torch.eye(d, dtype=F64))
     return GaussianMixture(means, torch.stack(covs), schedule=schedule, prediction_type=prediction_type)
+
+
+FKC_TARGETS = ("product", "anneal", "cfg")
+
+
+def fkc_case(target: str, dim: int = 2, schedule: NoiseSchedule | None = None):
+    """Feynman-Kac exactness testbeds: ``(models, exact, options, call)`` with ``models`` the model(s) to pass to
+    ``FKCSampler``, ``exact`` the target as a mixture whose component weights the weighted particles must recover,
+    ``options`` the target's keyword (beta or guidance_scale) and ``call`` the keywords of ``sample`` (for CFG the
+    one model is ``ConditionalPair``, switched by ``cond``).  Dimensions past 2 are shared N(0, 0.5) in every
+    component.
+
+    - ``"product"``: p1 (components at (+-3, 0), long in y) times p2 (at (0, -2) and (0, 6), long in x): four product
+      components whose weights change with the noise level, so the unweighted sum of scores misses them.
+    - ``"anneal"``: p^2 of components at (+-4, 0) with weights 0.3 / 0.7 and scales 0.5 / 1.5 (separated limit).
+    - ``"cfg"``: p_u^(-2) p_c^3 (guidance 3) for components at (+-4, 0) with weights 0.5 / 0.5, p_u's of variance 1,
+      p_c's of variances 0.5 / 1 (separated limit: weights 2/3, 1/3): the noisy paths of p_u and p_c differ, so plain
+      CFG misses the geometric mean.
+    ``options`` carries ``sigma_data``, the models' per-dimension data scale, for the tracking drift.
+    """
+    from .schedules import DiscreteVP
+
+    if target not in FKC_TARGETS:
+        raise ValueError(f"target must be one of {FKC_TARGETS}, got {target!r}")
+    if dim < 2:
+        raise ValueError(f"dim must be >= 2, got {dim}")
+    schedule = schedule or DiscreteVP.from_betas_config()
+
+    def mix(means, diag_covs, weights):
+        means = torch.tensor([list(m) + [0.0] * (dim - 2) for m in means], dtype=F64)
+        covs = torch.stack([torch.diag(torch.tensor(list(c) + [0.5] * (dim - 2), dtype=F64)) for c in diag_covs])
+        return GaussianMixture(means, covs, weights, schedule=schedule)
+
+    if target == "product":
+        p1 = mix([(-3, 0), (3, 0)], [(0.5, 8), (0.5, 8)], [0.3, 0.7])
+        p2 = mix([(0, -2), (0, 6)], [(8, 0.5), (8, 0.5)], [0.5, 0.5])
+        models, exact, options, call = [p1, p2], p1.product(p2), {}, {}
+    elif target == "anneal":
+        p = mix([(-4, 0), (4, 0)], [(0.5, 0.5), (1.5, 1.5)], [0.3, 0.7])
+        models, exact, options, call = [p], p.annealed(2.0), {"beta": 2.0}, {}
+    else:
+        pu = mix([(-4, 0), (4, 0)], [(1, 1), (1, 1)], [0.5, 0.5])
+        pc = mix([(-4, 0), (4, 0)], [(0.5, 0.5), (1, 1)], [0.5, 0.5])
+        models, exact, options = [ConditionalPair(pu, pc)], pu.geometric_mean(pc, 3.0), {"guidance_scale": 3.0}
+        call = {"cond": True, "uncond": {"cond": False}}
+    mixtures = [m for pair in models for m in getattr(pair, "pair", (pair,))]
+    options["sigma_data"] = torch.stack([m.moments()[1].diagonal() for m in mixtures]).mean(0).sqrt()
+    return models, exact, options, call
+
+
+class ConditionalPair:
+    """One model of two exact ones: ``model(x, t, cond=True)`` is ``cond_model``, ``cond=False`` ``uncond_model``."""
+
+    def __init__(self, uncond_model, cond_model):
+        self.uncond_model, self.cond_model = uncond_model, cond_model
+        self.pair = (uncond_model, cond_model)
+
+    def __call__(self, x: torch.Tensor, t, cond: bool = True, **kwargs) -> torch.Tensor:
+        return (self.cond_model if cond else self.uncond_model)(x, t, **kwargs)

@@ -26,7 +26,7 @@ def _unet(channels, layers, attention_last=True, groups=8, num_class_embeds=None
 MODEL_CONFIGS = {
     "fmnist-small": (_unet((8, 16, 32, 32), 1, groups=2), None),
     "fmnist-large": (_unet((16, 32, 64, 128), 1, groups=4), None),
-    "fmnist-cond": (_unet((16, 32, 64, 128), 1, groups=4, num_class_embeds=11), 10),
+    "fmnist-cond": (_unet((8, 16, 32, 64), 1, groups=2, num_class_embeds=11), 10),
 }
 NULL_LABEL = 10
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,

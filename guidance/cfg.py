@@ -16,10 +16,12 @@ class ClassifierFreeGuidance:
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.unet, self.labels, self.scale, self.null_label = unet, torch.as_tensor(labels), float(scale), null_label
 
-    def __call__(self, x: torch.Tensor, t, **kwargs) -> torch.Tensor:
-        if len(self.labels) != len(x):
-            raise ValueError(f"labels has {len(self.labels)} entries for a batch of {len(x)}")
-        labels = self.labels.to(x.device)
+    def __call__(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``class_labels``, when given, replaces the labels fixed at construction (so a caller can slice them)."""
+        labels = self.labels if class_labels is None else torch.as_tensor(class_labels)
+        if len(labels) != len(x):
+            raise ValueError(f"labels has {len(labels)} entries for a batch of {len(x)}")
+        labels = labels.to(x.device)
         if self.scale == 1.0:
             return _output(self.unet(x, t, class_labels=labels, **kwargs))
         null = torch.full_like(labels, self.null_label)

@@ -1,6 +1,8 @@
-"""Learn time schedules for a zoo model (GITS-style dynamic programming against a many-step teacher).
+"""Learn time schedules for a zoo model against a many-step teacher: GITS-style dynamic programming ("dp") or
+LD3-style optimisation through the solver ("gradient", optionally with per-step prediction scales).
 
     python scripts/learn_schedule.py --model fmnist-large --scheduler unipc --nfe 4 5 6 8 10 --out schedules/fmnist-large
+    python scripts/learn_schedule.py --model fmnist-large --method gradient --scales --nfe 5
     python scripts/learn_schedule.py --model fmnist-cond --guidance-scale 3 --nfe 5 --out schedules/fmnist-cond
 
 Writes <out>/<scheduler>-nfe<N>.json (LearnedSchedule) and a scheduler folder <out>/<scheduler>-nfe<N>/ carrying it
@@ -30,6 +32,13 @@ def main(argv=None):
     p.add_argument("--validation", type=int, default=64, help="held-out latents")
     p.add_argument("--fine-steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="dp", choices=("dp", "gradient"))
+    p.add_argument("--iterations", type=int, default=200, help="gradient: Adam iterations")
+    p.add_argument("--batch-size", type=int, default=10, help="gradient: latents per iteration")
+    p.add_argument("--ball", type=float, default=0.0, help="gradient: LD3's start-noise relaxation radius")
+    p.add_argument("--scales", action="store_true", help="gradient: also fit per-step prediction scales")
+    p.add_argument("--decouple-time", action="store_true", help="gradient: fit the model's time apart from the levels")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     unet = zoo.load(args.model)
@@ -38,22 +47,30 @@ def main(argv=None):
     train = torch.randn(args.num, 1, 32, 32, generator=g)
     held_out = torch.randn(args.validation, 1, 32, 32, generator=g)
 
-    def model_for(n):
-        if classes:
-            return ClassifierFreeGuidance(unet, torch.arange(n) % classes, args.guidance_scale, zoo.NULL_LABEL)
-        return lambda x, t: unet(x, t).sample
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if classes:  # class labels as a model keyword, so that the gradient method's mini-batches slice them
+        model = ClassifierFreeGuidance(unet, torch.zeros(0, dtype=torch.long), args.guidance_scale, zoo.NULL_LABEL)
+        train_kw = {"class_labels": torch.arange(args.num) % classes}
+        held_kw = {"class_labels": torch.arange(args.validation) % classes}
+    else:
+        model, train_kw, held_kw = (lambda x, t: unet(x, t).sample), {}, {}
+    options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
+               "decouple_time": args.decouple_time, "seed": args.seed}
 
     out = Path(args.out or f"schedules/{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     for nfe in args.nfe:
         sch = make_scheduler(args.scheduler, **zoo.SCHEDULER_CONFIG, solver_order=args.order)
         start = time.time()
-        s = learn_schedule(model_for(args.num), sch, train, nfe, fine_steps=args.fine_steps)
+        s = learn_schedule(model, sch, train, nfe, method=args.method, fine_steps=args.fine_steps,
+                           gradient_options=options if args.method == "gradient" else None, **train_kw)
         took = time.time() - start
-        s.validation_error = validation_error(model_for(args.validation), sch, s, held_out)
+        s.validation_error = validation_error(model, sch, s, held_out, **held_kw)
         s.extra.update(model=args.model, fit_seconds=round(took, 1),
                        guidance_scale=args.guidance_scale if classes else None)
-        name = f"{args.scheduler}{args.order}-nfe{nfe}"
+        name = f"{args.scheduler}{args.order}-nfe{nfe}" + (
+            "" if args.method == "dp" else "-gradient" + "-scales" * args.scales + "-time" * args.decouple_time)
         s.save(out / f"{name}.json")
         s.scheduler(sch).save_pretrained(out / name)
         print(f"{name}: timesteps {s.timesteps}, held-out error {s.validation_error:.4f}, fit {took:.1f} s", flush=True)

@@ -200,7 +200,8 @@ class DCSolverScheduler(FastScheduler):
                  sigma_min: float | None = None, sigma_max: float | None = None, spacing: str | None = None,
                  dc_ratios: list | None = None, dc_order: int = 2, base_solver: str = "unipc", cpr=None,
                  cpr_guidance_scale: float = 1.0, teleport_stats: str | None = None, teleport_fraction: float = 0.0,
-                 teleport_sigma: float | None = None, learned_timesteps: list | None = None):
+                 teleport_sigma: float | None = None, learned_timesteps: list | None = None,
+                 learned_scales: list | None = None, learned_sigmas: list | None = None):
         if base_solver not in BASE_SOLVERS:
             raise ValueError(f"base_solver must be one of {BASE_SOLVERS}, got {base_solver!r}")
         if dc_order not in DC_ORDERS:

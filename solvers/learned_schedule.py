@@ -5,6 +5,17 @@ candidate is a level the scheduler can take), the teacher's trajectory is comput
 prediction at every fine level; the cost of one step from fine level i to j is the mean squared distance between a
 first-order (DDIM) step from the teacher's state at i and the teacher's state at j; dynamic programming picks the N
 steps from the first to the last level with the least total cost.  Seconds, no gradients.
+
+``method="gradient"`` is LD3-style (ICLR 2025): the N - 1 inner levels are lambda_0 + (lambda_cap - lambda_0) times the
+cumulative sums of softmax(theta) (N logits; the first and last levels stay the scheduler's own), and theta is fitted
+by Adam through the whole N-step solve against the teacher's end points (mean squared error).  The solver's
+coefficients are plain float functions of the grid; they enter autograd through one function of the N - 1 inner
+lambdas whose Jacobian is taken by central differences in float64, so every solver here is differentiable as it
+is.  The model's time is the exact fractional time of each level, and the gradient flows through the model's time
+embedding too.  ``ball`` > 0 is LD3's relaxation: the student starts from noise + delta, with ||delta|| <= ball *
+||noise|| per sample, delta fitted along with theta (only theta is kept).  ``scales=True`` also fits one positive
+scale per step on the solver's prediction (x0 or eps), the continuous analogue of LSD's per-step output scales; a
+scheduler carries them as ``learned_scales``.
 """
 from __future__ import annotations
 
@@ -15,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("dp",)
+METHODS = ("dp", "gradient")
+TIME_UNIT = 10.0  # model-time units per unit of a decoupled time offset parameter
 
 
 @dataclass
@@ -29,6 +41,7 @@ class LearnedSchedule:
     validation_error: float | None  # relative error of the end point against the teacher on held-out noise
     model_hash: str = ""
     extra: dict = field(default_factory=dict)
+    scales: list | None = None  # per-step scales of the solver's prediction (method "gradient" with scales=True)
 
     def save(self, path):
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -47,6 +60,8 @@ class LearnedSchedule:
                              f"got {len(t)} and {len(self.sigmas)}")
         if any(b >= a for a, b in zip(self.sigmas, self.sigmas[1:])) or min(self.sigmas) < 0:
             raise ValueError(f"sigmas must be non-negative and strictly decreasing, got {self.sigmas}")
+        if self.scales is not None and len(self.scales) != self.nfe:
+            raise ValueError(f"a schedule for {self.nfe} NFE needs {self.nfe} scales, got {len(self.scales)}")
 
     def apply(self, scheduler, model=None):
         """``scheduler.set_timesteps`` with this schedule; warns when ``model``'s weights differ from the fitted one."""
@@ -58,14 +73,27 @@ class LearnedSchedule:
             import warnings
 
             warnings.warn(f"this schedule was learned for {self.solver}, not {type(scheduler).__name__}", stacklevel=2)
-        scheduler.set_timesteps(timesteps=self.timesteps)
+        if self.scales is not None or scheduler.config.get("learned_scales") is not None:
+            scheduler.register_to_config(learned_scales=None if self.scales is None else list(self.scales))
+        if self.decoupled:
+            scheduler.set_timesteps(sigmas=self.sigmas[:-1], timesteps=self.timesteps)
+        else:
+            scheduler.set_timesteps(timesteps=self.timesteps)
         return scheduler
+
+    @property
+    def decoupled(self) -> bool:
+        """Model times fitted apart from the levels: a scheduler needs both (``learned_sigmas``)."""
+        return bool(self.extra.get("decoupled_time"))
 
     def scheduler(self, base):
         """A copy of scheduler ``base`` that carries this schedule in its config (``learned_timesteps``), so a
         pipeline's ``set_timesteps(nfe)`` uses it and ``save_pretrained`` keeps it."""
         config = {k: v for k, v in base.config.items() if k != "_use_default_values"}  # else from_config drops it
-        return type(base).from_config({**config, "learned_timesteps": list(self.timesteps)})
+        scales = None if self.scales is None else list(self.scales)
+        sigmas = list(self.sigmas[:-1]) if self.decoupled else None
+        return type(base).from_config({**config, "learned_timesteps": list(self.timesteps), "learned_scales": scales,
+                                       "learned_sigmas": sigmas})
 
 
 def model_hash(model) -> str:
@@ -82,9 +110,14 @@ def model_hash(model) -> str:
 @torch.no_grad()
 def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: int, method: str = "dp",
                    fine_steps: int = 60, per_step: int = 4, validation_noise: torch.Tensor | None = None,
-                   **model_kwargs) -> LearnedSchedule:
+                   gradient_options: dict | None = None, **model_kwargs) -> LearnedSchedule:
     """Fit ``num_inference_steps`` levels for ``scheduler`` (configured for ``model``, whose output is the scheduler's
-    ``prediction_type``) against a teacher from ``noise``; see the module docstring."""
+    ``prediction_type``) against a teacher from ``noise``; see the module docstring.  ``gradient_options`` (method
+    "gradient"): ``iterations`` (200), ``lr`` (0.05), ``batch_size`` (10), ``ball`` (0.0), ``seed`` (0), ``scales``
+    (False: True also fits one scale per step on the solver's prediction, carried as ``learned_scales``),
+    ``decouple_time`` (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
+    a scheduler then carries the levels too, as ``learned_sigmas``)."""
+    gradient_options = dict(gradient_options or {})
     from fastsample import parameterization as P
     from fastsample.sampling import _output, reference_states
 
@@ -95,6 +128,12 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     if not isinstance(n, int) or n < max(2, order) or n >= fine_steps:
         raise ValueError(f"num_inference_steps must be an int in [max(2, solver_order={order}), fine_steps={fine_steps}), "
                          f"got {n!r}")
+    if method == "gradient":
+        with torch.enable_grad():
+            return _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs,
+                                   **gradient_options)
+    if gradient_options:
+        raise ValueError(f"{sorted(gradient_options)} only apply to method='gradient'")
     scheduler.set_timesteps(fine_steps)
     grid, fine_t = scheduler._grid, scheduler.timesteps.tolist()
     xs = reference_states(model, noise, scheduler, per_step, **model_kwargs)
@@ -136,5 +175,198 @@ def validation_error(model, scheduler, schedule: LearnedSchedule, noise: torch.T
 
     schedule.apply(scheduler)
     ref = reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
-    x, _ = sample(model, noise, scheduler, timesteps=schedule.timesteps, progress=False, **model_kwargs)
+    levels = {"sigmas": schedule.sigmas[:-1]} if schedule.decoupled else {}
+    x, _ = sample(model, noise, scheduler, timesteps=schedule.timesteps, progress=False, **levels, **model_kwargs)
     return float((x - ref).norm() / ref.norm())
+
+
+# ------------------------------------------------------------------------------------------ method="gradient"
+class _GridValues(torch.autograd.Function):
+    """values = fn(lams) (float64 vectors) with the Jacobian by central differences: any float function of the grid
+    (the solver's coefficients, the conversions, the model times) becomes differentiable."""
+
+    @staticmethod
+    def forward(ctx, lams, fn, h):
+        base = torch.tensor(fn(lams.tolist()), dtype=torch.float64)
+        jac = torch.empty(len(base), len(lams), dtype=torch.float64)
+        for k in range(len(lams)):
+            up, down = lams.tolist(), lams.tolist()
+            step = h * max(1.0, abs(up[k]))
+            up[k] += step
+            down[k] -= step
+            jac[:, k] = (torch.tensor(fn(up), dtype=torch.float64) - torch.tensor(fn(down), dtype=torch.float64)) / (2 * step)
+        ctx.save_for_backward(jac)
+        return base
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jac,) = ctx.saved_tensors
+        return grad @ jac, None, None
+
+
+class _Program:
+    """The fixed shape of an N-step solve (which steps correct, each step's order, the history kept) and the float
+    values that a grid puts into it: per step the model time, the conversion (cx, co), the corrector's (cx, coefs)
+    where it corrects, and the predictor's (cx, coefs)."""
+
+    def __init__(self, scheduler, grid):
+        from fastsample.solver import Grid
+
+        solver = scheduler.solver
+        if solver.compensation is not None or solver.stochastic:
+            raise ValueError(f"method='gradient' needs a deterministic solver without compensation, got {type(solver).__name__}")
+        self.solver, self.schedule, self.Grid = solver, scheduler.schedule, Grid
+        self.prediction_type = scheduler.config.prediction_type
+        self.model_time = scheduler.model_time
+        self.start, self.end = grid.sigma[0] / grid.alpha[0], grid.sigma[-1] / grid.alpha[-1]
+        self.keep = solver.solver_order + (1 if solver.has_corrector else 0)
+        self.n = grid.num_steps
+        self.steps, prev = [], None  # per step: (corrector order or None, predictor order, #coefs of each)
+        for i in range(self.n):
+            corr = None
+            if prev is not None and solver.uses_corrector(grid, i) and solver.corrector_rule(grid, i, prev) is not None:
+                corr = prev
+            k = solver.step_order(grid, i, solver.usable(grid, i, min(i, self.keep) + 1))
+            n_corr = len(solver.corrector_rule(grid, i, corr).coefs) if corr is not None else 0
+            self.steps.append((corr, k, n_corr, len(solver.rule(grid, i, k).coefs)))
+            prev = k
+
+    def grid(self, inner_lams):
+        import math
+
+        levels = [self.start] + [math.exp(-v) for v in inner_lams] + [self.end]
+        return self.Grid.from_sigma_ve(self.schedule, levels)
+
+    def values(self, inner_lams) -> list:
+        from fastsample.parameterization import eps_coefficients, x0_coefficients
+
+        g = self.grid(inner_lams)
+        conv = x0_coefficients if self.solver.prediction == "x0" else eps_coefficients
+        mt = self.model_time(g)
+        out = []
+        for i, (corr, k, _, _) in enumerate(self.steps):
+            out += [mt(i), *conv(self.prediction_type, g.alpha[i], g.sigma[i])]
+            if corr is not None:
+                rule = self.solver.corrector_rule(g, i, corr)
+                out += [rule.cx, *rule.coefs]
+            rule = self.solver.rule(g, i, k)
+            if rule.noise:
+                raise ValueError("method='gradient' needs a deterministic solver step")
+            out += [rule.cx, *rule.coefs]
+        return out
+
+    def run(self, model, x, vals, scales=None, time_offsets=None, **model_kwargs):
+        """The differentiable N-step solve from x with the values ``vals`` (a tensor from ``_GridValues``),
+        optional per-step scales of the prediction and optional offsets of the model's time (decoupled time)."""
+        from fastsample.sampling import _output
+
+        vals = vals.to(x.dtype)
+        pos, hist, last_x = 0, [], None
+
+        def take(m):
+            nonlocal pos
+            v = vals[pos:pos + m]
+            pos += m
+            return v
+
+        for i, (corr, k, n_corr, n_pred) in enumerate(self.steps):
+            t, cx, co = take(3)
+            if time_offsets is not None:
+                t = t + time_offsets[i].to(t.dtype)
+            out = _output(model(x, t, **model_kwargs))
+            pred = cx * x + co * out
+            hist = [pred if scales is None else pred * scales[i].to(x.dtype)] + hist
+            if corr is not None:
+                c = take(1 + n_corr)
+                x = c[0] * last_x + sum(c[j + 1] * hist[j] for j in range(n_corr))
+            c = take(1 + n_pred)
+            x_next = c[0] * x + sum(c[j + 1] * hist[j] for j in range(n_pred))
+            last_x, hist, x = x, hist[:self.keep], x_next
+        return x
+
+
+def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs,
+                    iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
+                    seed: int = 0, scales: bool = False, decouple_time: bool = False) -> LearnedSchedule:
+    import math
+
+    from fastsample.sampling import reference_states
+
+    if not (isinstance(iterations, int) and iterations >= 1):
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not (ball >= 0 and math.isfinite(ball)):
+        raise ValueError(f"ball must be a finite number >= 0, got {ball!r}")
+    scheduler.set_timesteps(fine_steps)
+    with torch.no_grad():
+        target = reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
+    scheduler.set_timesteps(n)
+    grid = scheduler._grid
+    lam = list(grid.lam)
+    cap = max(v for v in lam if math.isfinite(v))
+    if math.isfinite(lam[-1]):  # the last level is a fixed, finite end point: the inner levels stay below it
+        cap = lam[-1]
+    else:  # the last step goes to sigma = 0: the inner levels stay at or below the trained range's end
+        cap = max(cap, float(scheduler.schedule.lam(torch.tensor(scheduler.schedule.t_min, dtype=torch.float64))))
+    program = _Program(scheduler, grid)
+    gaps = torch.tensor([b - a for a, b in zip(lam[:-1], lam[1:-1] + [cap])], dtype=torch.float64).clamp_min(1e-3)
+    theta = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
+    x_T = noise * scheduler.init_noise_sigma
+    delta = torch.zeros_like(x_T, requires_grad=True)
+    log_scales = torch.zeros(n, dtype=torch.float64, requires_grad=scales)
+    # decoupled model time: offsets of TIME_UNIT model-time units per unit of the parameter (so lr suits both)
+    offsets = torch.zeros(n, dtype=torch.float64, requires_grad=decouple_time)
+    params = [theta] + ([delta] if ball > 0 else []) + ([log_scales] if scales else []) + ([offsets] if decouple_time else [])
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def inner(th):
+        frac = torch.cumsum(torch.softmax(th, 0), 0)[:-1]
+        return lam[0] + (cap - lam[0]) * frac
+
+    losses = []
+    for it in range(iterations):
+        idx = torch.randperm(len(noise), generator=g)[:batch_size]
+        vals = _GridValues.apply(inner(theta), program.values, 1e-6)
+        start = x_T[idx] + (delta[idx] if ball > 0 else 0)
+        kw = {k: (v[idx] if torch.is_tensor(v) and v.ndim and len(v) == len(noise) else v) for k, v in model_kwargs.items()}
+        x = program.run(model, start, vals, log_scales.exp() if scales else None,
+                        TIME_UNIT * offsets if decouple_time else None, **kw)
+        loss = (x - target[idx]).double().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ball > 0:
+            with torch.no_grad():
+                limit = ball * x_T.flatten(1).norm(dim=1)
+                norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+                delta.mul_((limit / norm).clamp(max=1.0).view(-1, *[1] * (delta.ndim - 1)))
+        losses.append(loss.item())
+    with torch.no_grad():
+        lams = [lam[0]] + inner(theta).tolist()
+        levels = [math.exp(-v) for v in lams] + [program.end]
+        fitted = program.grid(lams[1:])
+        times = [float(program.model_time(fitted)(i)) + TIME_UNIT * float(offsets[i]) for i in range(n)]
+        x = program.run(model, x_T, _GridValues.apply(inner(theta), program.values, 1e-6),
+                        log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
+                        **model_kwargs)
+        train_loss = float((x - target).double().square().mean())
+    sigmas = _scheduler_units(scheduler, levels)
+    schedule = LearnedSchedule(times, sigmas, type(scheduler).__name__, n, "gradient", train_loss, None,
+                               model_hash(model), {"iterations": iterations, "lr": lr, "ball": ball,
+                                                   "first_loss": losses[0], "fine_steps": fine_steps,
+                                                   "decoupled_time": decouple_time},
+                               log_scales.exp().tolist() if scales else None)
+    if validation_noise is not None:
+        schedule.validation_error = validation_error(model, scheduler, schedule, validation_noise, **model_kwargs)
+    if decouple_time:
+        scheduler.set_timesteps(sigmas=sigmas[:-1], timesteps=times)
+    else:
+        scheduler.set_timesteps(timesteps=times)
+    return schedule
+
+
+def _scheduler_units(scheduler, levels_ve) -> list:
+    """VE sigmas -> the units of ``scheduler.sigmas`` (VE sigma for VP models, t for flow models)."""
+    if scheduler.flow is None:
+        return [float(v) for v in levels_ve]
+    return [float(v / (1 + v)) for v in levels_ve]

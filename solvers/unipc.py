@@ -123,7 +123,8 @@ class UniPCScheduler(FastScheduler):
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min: float | None = None,
                  sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None,
                  teleport_stats: str | None = None, teleport_fraction: float = 0.0,
-                 teleport_sigma: float | None = None, learned_timesteps: list | None = None):
+                 teleport_sigma: float | None = None, learned_timesteps: list | None = None,
+                 learned_scales: list | None = None, learned_sigmas: list | None = None):
         if shift_terminal is not None and not use_flow_sigmas:
             raise ValueError("shift_terminal is only supported with use_flow_sigmas=True")
         self._setup()

@@ -6,7 +6,7 @@ import torch
 from fastsample import sample
 from fastsample.sampling import reference_states
 from fastsample.schedules import DiscreteVP, make_betas
-from fastsample.solvers import DPMSolverPlusPlusScheduler, UniPCScheduler
+from fastsample.solvers import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
 from fastsample.solvers.learned_schedule import LearnedSchedule, learn_schedule
 from fastsample.testbeds import GaussianMixture
 
@@ -95,3 +95,114 @@ def test_a_scheduler_carries_the_schedule_into_a_pipeline(problem, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=1, num_inference_steps=5, output_type="np")
     assert seen == s.timesteps
+
+
+# ----------------------------------------------------------------------------------------------- method="gradient"
+@pytest.mark.parametrize("cls, kw", [(UniPCScheduler, {"solver_order": 3}), (DPMSolverPlusPlusScheduler, {"solver_order": 3}),
+                                     (DEISScheduler, {"solver_order": 3})])
+def test_gradient_program_is_the_scheduler_and_its_gradient_is_exact(problem, cls, kw):
+    """The differentiable solve equals the scheduler's own sampling, and its autograd gradient in the inner lambdas
+    equals central differences of the loss."""
+    from fastsample.solvers.learned_schedule import _GridValues, _Program
+
+    gm, train, _ = problem
+    sch = cls(**kw)
+    sch.set_timesteps(5)
+    prog = _Program(sch, sch._grid)
+    inner = torch.tensor(sch._grid.lam[1:-1], dtype=F64)
+    x = prog.run(gm, train, _GridValues.apply(inner, prog.values, 1e-6))
+    ref, _ = sample(gm, train, cls(**kw), 5, progress=False)
+    assert torch.allclose(x, ref, atol=1e-12)
+    target = ref + 0.1
+    # off the integer timesteps, where the discrete schedule's interpolation has kinks
+    inner = (inner + 0.0137).requires_grad_(True)
+    x = prog.run(gm, train, _GridValues.apply(inner, prog.values, 1e-6))
+    (x - target).square().mean().backward()
+
+    def loss(v):
+        with torch.no_grad():
+            return float((prog.run(gm, train, torch.tensor(prog.values(v), dtype=F64)) - target).square().mean())
+
+    for k in range(len(inner)):
+        up, down = inner.tolist(), inner.tolist()
+        up[k] += 1e-5
+        down[k] -= 1e-5
+        assert inner.grad[k].item() == pytest.approx((loss(up) - loss(down)) / 2e-5, rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("cls", [UniPCScheduler, DPMSolverPlusPlusScheduler])
+def test_gradient_schedule_beats_hand_made_spacings(problem, cls):
+    gm, train, test = problem
+    s = learn_schedule(gm, cls(solver_order=3), train, 4, method="gradient", validation_noise=test,
+                       gradient_options={"iterations": 120})
+    assert s.method == "gradient" and s.train_loss < 0.5 * s.extra["first_loss"]
+    assert any(t != round(t) for t in s.timesteps)  # exact fractional model times
+    learned = error(gm, cls(solver_order=3), test, timesteps=s.timesteps)
+    assert s.validation_error == pytest.approx(learned, rel=1e-9)
+    for spacing in HAND_MADE:
+        assert learned < error(gm, cls(solver_order=3, spacing=spacing), test, num_inference_steps=4), spacing
+
+
+def test_fractional_learned_timesteps_reach_the_model(problem, tmp_path):
+    gm, train, _ = problem
+    s = learn_schedule(gm, UniPCScheduler(solver_order=2), train, 4, method="gradient",
+                       gradient_options={"iterations": 5, "ball": 0.05})
+    seen = []
+    sch = s.scheduler(UniPCScheduler(solver_order=2))
+    sch.save_pretrained(tmp_path)
+    sch = UniPCScheduler.from_pretrained(tmp_path)
+    x, calls = sample(lambda x, t: seen.append(float(t)) or gm(x, t), train, sch, 4, progress=False)
+    assert calls == 4 and seen == pytest.approx(s.timesteps, abs=1e-3)
+    assert sch.sigmas[:4].double().numpy() == pytest.approx(s.sigmas[:4], rel=1e-5)
+
+
+def test_gradient_bad_input(problem):
+    gm, train, _ = problem
+    with pytest.raises(ValueError, match="deterministic solver"):
+        learn_schedule(gm, DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++"), train, 4, method="gradient")
+    with pytest.raises(ValueError, match="only apply to method='gradient'"):
+        learn_schedule(gm, UniPCScheduler(), train, 4, gradient_options={"ball": 0.1})
+    with pytest.raises(ValueError, match="iterations"):
+        learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient", gradient_options={"iterations": 0})
+    with pytest.raises(ValueError, match="ball"):
+        learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient", gradient_options={"ball": -1.0})
+
+
+def test_learned_scales_round_trip_and_apply(problem, tmp_path):
+    """Per-step prediction scales: fitted with the schedule, carried in the config, applied by step()."""
+    from fastsample.solvers.learned_schedule import _GridValues, _Program
+
+    gm, train, _ = problem
+    s = learn_schedule(gm, UniPCScheduler(solver_order=2), train, 4, method="gradient",
+                       gradient_options={"iterations": 30, "scales": True})
+    assert len(s.scales) == 4 and all(v > 0 for v in s.scales) and s.scales != [1.0] * 4
+    s.save(tmp_path / "s.json")
+    assert LearnedSchedule.load(tmp_path / "s.json").scales == s.scales
+    sch = s.scheduler(UniPCScheduler(solver_order=2))
+    x, calls = sample(gm, train, sch, 4, progress=False)
+    prog = _Program(sch, sch._grid)
+    with torch.no_grad():
+        y = prog.run(gm, train, _GridValues.apply(torch.tensor(sch._grid.lam[1:-1], dtype=F64), prog.values, 1e-6),
+                     torch.tensor(s.scales, dtype=F64))
+    assert calls == 4 and torch.allclose(x, y, atol=1e-10)
+    with pytest.raises(ValueError, match="learned_scales must be 4"):
+        UniPCScheduler(learned_timesteps=s.timesteps, learned_scales=[1.0, 1.0]).set_timesteps(4)
+
+
+def test_decoupled_model_time(problem, tmp_path):
+    """Decoupled time: the model sees the fitted times, the solver the fitted levels; both travel in the config."""
+    gm, train, test = problem
+    s = learn_schedule(gm, UniPCScheduler(solver_order=2), train, 4, method="gradient", validation_noise=test,
+                       gradient_options={"iterations": 40, "decouple_time": True})
+    assert s.decoupled
+    sch = s.scheduler(UniPCScheduler(solver_order=2))
+    sch.save_pretrained(tmp_path)
+    sch = UniPCScheduler.from_pretrained(tmp_path)
+    seen = []
+    x, calls = sample(lambda x, t: seen.append(float(t)) or gm(x, t), test, sch, 4, progress=False)
+    assert calls == 4 and seen == pytest.approx(s.timesteps, abs=1e-3)
+    assert sch.sigmas[:4].double().numpy() == pytest.approx(s.sigmas[:4], rel=1e-5)
+    ref = reference_states(gm, test, sch, 20)[-1]
+    assert float((x - ref).norm() / ref.norm()) == pytest.approx(s.validation_error, rel=1e-6)
+    with pytest.raises(ValueError, match="one per level"):
+        UniPCScheduler().set_timesteps(sigmas=s.sigmas[:-1], timesteps=s.timesteps[:3])

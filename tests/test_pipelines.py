@@ -269,6 +269,28 @@ def test_sd_pipeline_matches_diffusers_peer(ours, kw, theirs, guidance_scale, sd
 
 
 # ---------------------------------------------------------------------------------------------- 3. img2img
+def test_fkc_pipeline_stable_diffusion(sd_components):
+    """FKC classifier-free guidance on Stable Diffusion components: one group of particles per prompt, images
+    decoded by the VAE, deterministic per seed and independent of the chunk size."""
+    from diffusers import DDIMScheduler
+
+    from fastsample.guidance.fkc import fkc_pipeline
+
+    pipe = sd_pipe(sd_components, DDIMScheduler(**SD_BETAS))
+
+    def run(chunk_size=None):
+        return fkc_pipeline(pipe, [PROMPT, "a dog"], guidance_scale=4.0, num_particles=3, num_inference_steps=5,
+                            generator=_gen(0), height=SIZE, width=SIZE, output_type="np", chunk_size=chunk_size)
+
+    images, out = run()
+    again, chunked = run(), run(chunk_size=2)
+    assert images.shape == (6, SIZE, SIZE, 3) and np.isfinite(images).all()
+    assert out.samples.shape == (6, 4, SIZE // 2, SIZE // 2) and out.ess.shape == (5, 2)
+    assert torch.allclose(out.weights.reshape(2, 3).sum(1), torch.ones(2, dtype=torch.float64))
+    assert np.array_equal(images, again[0])
+    assert np.allclose(images, chunked[0], atol=1e-4)
+
+
 @pytest.mark.parametrize("cls", OURS, ids=_ids)
 def test_img2img_strength(cls, sd_components, init_image):
     pipe = sd_pipe(sd_components, cls(**SD_BETAS), StableDiffusionImg2ImgPipeline)
