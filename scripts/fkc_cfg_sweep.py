@@ -26,12 +26,12 @@ from fastsample.sweep import read_records
 
 
 def run_cell(unet, scale: float, method: str, steps: int, per_class: int, particles: int, seed: int,
-             batch_images: int) -> dict:
+             batch_images: int, clip: float | None = None) -> dict:
     k = particles if method == "fkc" else 1
     labels = torch.arange(10).repeat_interleave(per_class)
     scheduler = DPMSolverPlusPlusScheduler(**zoo.SCHEDULER_CONFIG)
-    sampler = FKCSampler(unet, "cfg", guidance_scale=scale, scheduler=scheduler, weighted=method == "fkc")
-    images, start = [], time.time()
+    sampler = FKCSampler(unet, "cfg", guidance_scale=scale, scheduler=scheduler, weighted=method == "fkc", clip=clip)
+    images, start, min_ess = [], time.time(), float("inf")
     for b in range(0, len(labels), batch_images):
         lab = labels[b:b + batch_images].repeat_interleave(k)
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
@@ -40,9 +40,11 @@ def run_cell(unet, scale: float, method: str, steps: int, per_class: int, partic
             out = sampler.sample(noise, steps, generator=g, num_particles=k, class_labels=lab,
                                  uncond={"class_labels": torch.full_like(lab, zoo.NULL_LABEL)})
         images.append(out.select(g) if k > 1 else out.samples)
+        min_ess = min(min_ess, float(out.ess.min()))
     x = torch.cat(images).clamp(-1, 1)
     seconds = time.time() - start
     return {"scale": scale, "method": method, "particles": k, "steps": steps, "num": len(labels), "seed": seed,
+            "clip": clip if method == "fkc" else None, "min_ess": None if k == 1 else min_ess,
             "model_calls_per_image": 2 * steps * k, "seconds": round(seconds, 1),
             "accuracy": class_accuracy(x, labels), "fid": fid(x)}
 
@@ -50,8 +52,10 @@ def run_cell(unet, scale: float, method: str, steps: int, per_class: int, partic
 def render(records, table=None) -> str:
     lines = ["| guidance | method | particles / image | model calls / image | class accuracy | FID | s |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["scale"], r["method"])):
+    for r in sorted(records, key=lambda r: (r["scale"], r["method"], r.get("clip") or 0)):
         name = "FKC-CFG" if r["method"] == "fkc" else "CFG"
+        if r.get("clip"):
+            name += f", clip {r['clip']:g}"
         lines.append(f"| {r['scale']:g} | {name} | {r['particles']} | {r['model_calls_per_image']} | "
                      f"{100 * r['accuracy']:.1f}% | {r['fid']:.2f} | {r['seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
@@ -69,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--particles", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clip", type=float, default=None, help="FKC: clamp centred log-weight increments")
     ap.add_argument("--batch-images", type=int, default=100, help="images per batch (times particles for FKC)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/fkc-cfg.jsonl")
@@ -81,14 +86,16 @@ def main(argv=None):
     unet = zoo.load(args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["scale"], r["method"], r["particles"], r["steps"], r["num"], r["seed"]) for r in read_records(out)}
+    done = {(r["scale"], r["method"], r["particles"], r["steps"], r["num"], r["seed"], r.get("clip"))
+            for r in read_records(out)}
     for scale in args.scales:
         for method in args.methods:
             k = args.particles if method == "fkc" else 1
-            if (scale, method, k, args.steps, 10 * args.per_class, args.seed) in done:
+            clip = args.clip if method == "fkc" else None
+            if (scale, method, k, args.steps, 10 * args.per_class, args.seed, clip) in done:
                 continue
             rec = run_cell(unet, scale, method, args.steps, args.per_class, args.particles, args.seed,
-                           args.batch_images)
+                           args.batch_images, clip)
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(json.dumps(rec), flush=True)
