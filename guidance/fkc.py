@@ -103,9 +103,10 @@ class FKCSampler:
     ``step="sde-dpmsolver++"`` (order ``solver_order``) or ``"euler-maruyama"``.  ``clip``: centred log-weight
     increments are clamped to [-clip, clip] (the paper's image code uses 1 or 2; None: no clamp).  ``chunk_size``:
     model calls take at most that many particles at once.  ``weighted=False`` runs the same SDE with no weights and
-    no resampling: the plain sum-of-scores (or CFG) sampler FKC corrects.  ``sigma_data`` (the data's scale: a number, or a tensor
-    broadcastable to one sample, e.g. per-pixel standard deviations) sets the tracking drift of the module notes, which
-    keeps the proposal on the target's Gaussian while noise dominates; None is the paper's SDE.
+    no resampling: the plain sum-of-scores (or CFG) sampler FKC corrects.  ``sigma_data`` (the data's scale: a
+    number, or a tensor broadcastable to one sample, e.g. per-pixel standard deviations) sets the tracking drift of
+    the module notes, which keeps the proposal on the target's Gaussian while noise dominates; None is the paper's
+    SDE.
     """
 
     def __init__(self, models, target: str, beta: float | None = None, guidance_scale: float | None = None,
