@@ -131,9 +131,8 @@ class GaussianMixture:
         evals = torch.linalg.eigvalsh(prec)
         if (evals <= 0).any():
             raise ValueError(f"(1 - w) S^-1 + w G^-1 is not positive definite for w = {w}: no normalisable target")
-        logdet = lambda m: torch.logdet(m)  # noqa: E731
-        logw = ((1 - w) * (torch.log(self.weights) - 0.5 * logdet(self.covs))
-                + w * (torch.log(other.weights) - 0.5 * logdet(other.covs)) - 0.5 * torch.log(evals).sum(1))
+        logw = ((1 - w) * (torch.log(self.weights) - 0.5 * torch.logdet(self.covs))
+                + w * (torch.log(other.weights) - 0.5 * torch.logdet(other.covs)) - 0.5 * torch.log(evals).sum(1))
         return self._like(self.means, torch.linalg.inv(prec), torch.softmax(logw, 0))
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +141,20 @@ class GaussianMixture:
         second = torch.einsum("k,kde->de", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :])
         return mean, second - torch.outer(mean, mean)
 
+    def _projected(self, y: torch.Tensor, s) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y - mu_k) in each component's eigenbasis [B, K, d] and the variances S_k + s^2 there [1, K, d]."""
+        proj = torch.einsum("bkd,kde->bke", y[:, None, :] - self.means[None], self.evecs)
+        return proj, self.evals[None] + s * s
+
+    def _log_probs(self, proj: torch.Tensor, var: torch.Tensor, normalised: bool = True) -> torch.Tensor:
+        """log w_k + log N per component; without the 2 pi factor when not ``normalised`` (enough for a softmax)."""
+        return (torch.log(self.weights)[None] - 0.5 * torch.log(2 * math.pi * var if normalised else var).sum(-1)
+                - 0.5 * (proj ** 2 / var).sum(-1))
+
     def component_log_probs(self, x: torch.Tensor, s: float = 0.0) -> torch.Tensor:
         """log w_k + log N(y; mu_k, S_k + s^2 I) for y = x [B, d] (VE level s): [B, K]."""
-        diff = x.reshape(len(x), -1).to(F64)[:, None, :] - self.means[None]
-        proj = torch.einsum("bkd,kde->bke", diff, self.evecs)
-        var = (self.evals[None] + s * s).clamp_min(1e-300)
-        return (torch.log(self.weights)[None] - 0.5 * torch.log(2 * math.pi * var).sum(-1)
-                - 0.5 * (proj ** 2 / var).sum(-1))
+        proj, var = self._projected(x.reshape(len(x), -1).to(F64), s)
+        return self._log_probs(proj, var.clamp_min(1e-300))
 
     def component_shares(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The (weighted) share of samples ``x`` nearest, by posterior, to each component: [K]."""
@@ -159,11 +165,8 @@ class GaussianMixture:
     # ---- closed forms in the VE view -------------------------------------------------------------
     def denoise(self, y: torch.Tensor, s: float) -> torch.Tensor:
         """E[x0 | y] at VE noise level s for y of shape [B, d] (float64)."""
-        diff = y[:, None, :] - self.means[None]                       # B K d
-        proj = torch.einsum("bkd,kde->bke", diff, self.evecs)          # coordinates in each eigenbasis
-        var = self.evals[None] + s * s                                 # 1 K d
-        logp = (torch.log(self.weights)[None] - 0.5 * torch.log(var).sum(-1) - 0.5 * (proj ** 2 / var).sum(-1))
-        gamma = torch.softmax(logp, dim=1)                             # B K
+        proj, var = self._projected(y, s)
+        gamma = torch.softmax(self._log_probs(proj, var, normalised=False), dim=1)  # B K
         shrunk = proj * (self.evals[None] / var)                       # S (S + s^2)^-1 (y - mu) in eigen coords
         post = self.means[None] + torch.einsum("bke,kde->bkd", shrunk, self.evecs)
         return (gamma[..., None] * post).sum(1)
@@ -273,16 +276,16 @@ def fkc_case(target: str, dim: int = 2, schedule: NoiseSchedule | None = None):
     if target == "product":
         p1 = mix([(-3, 0), (3, 0)], [(0.5, 8), (0.5, 8)], [0.3, 0.7])
         p2 = mix([(0, -2), (0, 6)], [(8, 0.5), (8, 0.5)], [0.5, 0.5])
-        models, exact, options, call = [p1, p2], p1.product(p2), {}, {}
+        mixtures, models, exact, options, call = [p1, p2], [p1, p2], p1.product(p2), {}, {}
     elif target == "anneal":
         p = mix([(-4, 0), (4, 0)], [(0.5, 0.5), (1.5, 1.5)], [0.3, 0.7])
-        models, exact, options, call = [p], p.annealed(2.0), {"beta": 2.0}, {}
+        mixtures, models, exact, options, call = [p], [p], p.annealed(2.0), {"beta": 2.0}, {}
     else:
         pu = mix([(-4, 0), (4, 0)], [(1, 1), (1, 1)], [0.5, 0.5])
         pc = mix([(-4, 0), (4, 0)], [(0.5, 0.5), (1, 1)], [0.5, 0.5])
-        models, exact, options = [ConditionalPair(pu, pc)], pu.geometric_mean(pc, 3.0), {"guidance_scale": 3.0}
+        mixtures, models = [pu, pc], [ConditionalPair(pu, pc)]
+        exact, options = pu.geometric_mean(pc, 3.0), {"guidance_scale": 3.0}
         call = {"cond": True, "uncond": {"cond": False}}
-    mixtures = [m for pair in models for m in getattr(pair, "pair", (pair,))]
     options["sigma_data"] = torch.stack([m.moments()[1].diagonal() for m in mixtures]).mean(0).sqrt()
     return models, exact, options, call
 
@@ -292,7 +295,6 @@ class ConditionalPair:
 
     def __init__(self, uncond_model, cond_model):
         self.uncond_model, self.cond_model = uncond_model, cond_model
-        self.pair = (uncond_model, cond_model)
 
     def __call__(self, x: torch.Tensor, t, cond: bool = True, **kwargs) -> torch.Tensor:
         return (self.cond_model if cond else self.uncond_model)(x, t, **kwargs)

@@ -163,7 +163,7 @@ class FKCSampler:
     @property
     def precision_factor(self) -> float:
         """c with the target path's noise-dominated start N(0, sigma_T^2 / c): beta, 2 (product) or 1 (cfg)."""
-        return {"anneal": self.beta or 1.0, "product": 2.0, "cfg": 1.0}[self.target]
+        return {"anneal": self.beta, "product": 2.0, "cfg": 1.0}[self.target]
 
     def combine(self, eps: list, x: torch.Tensor, alpha: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The noise prediction the SDE step uses and the log-weight rate d log w / d lambda per particle."""

@@ -75,11 +75,14 @@ class LearnedSchedule:
             warnings.warn(f"this schedule was learned for {self.solver}, not {type(scheduler).__name__}", stacklevel=2)
         if self.scales is not None or scheduler.config.get("learned_scales") is not None:
             scheduler.register_to_config(learned_scales=None if self.scales is None else list(self.scales))
-        if self.decoupled:
-            scheduler.set_timesteps(sigmas=self.sigmas[:-1], timesteps=self.timesteps)
-        else:
-            scheduler.set_timesteps(timesteps=self.timesteps)
+        scheduler.set_timesteps(**self.grid_kwargs())
         return scheduler
+
+    def grid_kwargs(self) -> dict:
+        """The keywords of ``set_timesteps`` (and ``fastsample.sample``) for this schedule."""
+        if self.decoupled:
+            return {"sigmas": list(self.sigmas[:-1]), "timesteps": list(self.timesteps)}
+        return {"timesteps": list(self.timesteps)}
 
     @property
     def decoupled(self) -> bool:
@@ -175,8 +178,7 @@ def validation_error(model, scheduler, schedule: LearnedSchedule, noise: torch.T
 
     schedule.apply(scheduler)
     ref = reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
-    levels = {"sigmas": schedule.sigmas[:-1]} if schedule.decoupled else {}
-    x, _ = sample(model, noise, scheduler, timesteps=schedule.timesteps, progress=False, **levels, **model_kwargs)
+    x, _ = sample(model, noise, scheduler, progress=False, **schedule.grid_kwargs(), **model_kwargs)
     return float((x - ref).norm() / ref.norm())
 
 
@@ -302,11 +304,11 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
     scheduler.set_timesteps(n)
     grid = scheduler._grid
     lam = list(grid.lam)
-    cap = max(v for v in lam if math.isfinite(v))
     if math.isfinite(lam[-1]):  # the last level is a fixed, finite end point: the inner levels stay below it
         cap = lam[-1]
     else:  # the last step goes to sigma = 0: the inner levels stay at or below the trained range's end
-        cap = max(cap, float(scheduler.schedule.lam(torch.tensor(scheduler.schedule.t_min, dtype=torch.float64))))
+        t_min = torch.tensor(scheduler.schedule.t_min, dtype=torch.float64)
+        cap = max(max(v for v in lam if math.isfinite(v)), float(scheduler.schedule.lam(t_min)))
     program = _Program(scheduler, grid)
     gaps = torch.tensor([b - a for a, b in zip(lam[:-1], lam[1:-1] + [cap])], dtype=torch.float64).clamp_min(1e-3)
     theta = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
@@ -358,10 +360,7 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
                                log_scales.exp().tolist() if scales else None)
     if validation_noise is not None:
         schedule.validation_error = validation_error(model, scheduler, schedule, validation_noise, **model_kwargs)
-    if decouple_time:
-        scheduler.set_timesteps(sigmas=sigmas[:-1], timesteps=times)
-    else:
-        scheduler.set_timesteps(timesteps=times)
+    scheduler.set_timesteps(**schedule.grid_kwargs())
     return schedule
 
 
