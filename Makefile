@@ -1,10 +1,10 @@
-# fastsample: make sample | make test | make bench   (each sets up .venv itself)
+# fastsample: make sample | make test | make bench | make results   (each sets up .venv itself)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 
-.PHONY: install sample test test-all bench diffusers-suite
+.PHONY: install sample test test-all bench results diffusers-suite
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test-all: install  ## the slow tests too
 
 bench: install
 	$(PY) scripts/bench_overhead.py
+
+results: install  ## every committed fmnist-large table (hours on a CPU; resumable: a rerun skips finished cells)
+	$(PY) scripts/fid_sweep.py --plan plans/fmnist-large.json --threads $${THREADS:-1}
 
 diffusers-suite: install  ## diffusers' own scheduler tests against ours: needs DIFFUSERS_SRC=<diffusers checkout>
 	$(PY) scripts/run_diffusers_scheduler_tests.py

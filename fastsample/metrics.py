@@ -136,9 +136,21 @@ def statistics(feats) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet(stats1, stats2) -> float:
-    from cleanfid.fid import frechet_distance
+    """Frechet distance between Gaussians (mu1, sigma1) and (mu2, sigma2), in float64.
 
-    return float(frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1]))
+    tr sqrt(sigma1 sigma2) is taken as the sum of square roots of the eigenvalues of the symmetric
+    PSD matrix sqrt(sigma1) sigma2 sqrt(sigma1), which has the same spectrum; this needs no
+    non-symmetric matrix square root (and so no particular scipy version)."""
+    mu1, s1 = (np.asarray(a, dtype=np.float64) for a in stats1)
+    mu2, s2 = (np.asarray(a, dtype=np.float64) for a in stats2)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"stats1 and stats2 must have the same shapes, got {mu1.shape}/{s1.shape} "
+                         f"and {mu2.shape}/{s2.shape}")
+    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    inner = root1 @ s2 @ root1
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
 
 
 def fid_between(images1: torch.Tensor, images2: torch.Tensor, feature: str = "fmnist", extractor=None) -> float:
@@ -146,7 +158,8 @@ def fid_between(images1: torch.Tensor, images2: torch.Tensor, feature: str = "fm
     return frechet(statistics(features(images1, feature, extractor)), statistics(features(images2, feature, extractor)))
 
 
-def _digest(*tensors) -> str:
+def tensor_digest(*tensors) -> str:
+    """A short hash of the tensors' contents."""
     h = hashlib.sha256()
     for t in tensors:
         h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
@@ -157,7 +170,7 @@ def reference_statistics(images: torch.Tensor, feature: str = "fmnist", extracto
     """(mu, sigma) of ``images``' features, computed once and cached under a hash of the images and the extractor's
     weights."""
     extractor = extractor or feature_extractor(feature)
-    key = _digest(images, *extractor.state_dict().values())
+    key = tensor_digest(images, *extractor.state_dict().values())
     path = Path(cache_dir) / f"{feature}-{key}.safetensors"
     if path.is_file():
         d = load_file(str(path))
@@ -171,12 +184,26 @@ def reference_statistics(images: torch.Tensor, feature: str = "fmnist", extracto
 def fid(samples: torch.Tensor, reference=None, feature: str = "fmnist", extractor=None) -> float:
     """FID of ``samples`` (N x 1 x 32 x 32 in [-1, 1]) against the Fashion-MNIST train split (or ``reference``
     images), with clean-fid on the shipped feature network (or Inception)."""
+    return fid_with_se(samples, reference, feature, extractor, num_bootstrap=0)[0]
+
+
+def fid_with_se(samples: torch.Tensor, reference=None, feature: str = "fmnist", extractor=None,
+                num_bootstrap: int = 50, seed: int = 0) -> tuple[float, float | None]:
+    """``(FID, its standard error)``: the error is the spread of the FID over ``num_bootstrap`` resamples (with
+    replacement) of the samples' features, against the same reference statistics; None with ``num_bootstrap=0``."""
     extractor = extractor or feature_extractor(feature)
     if reference is None:
         from .data import load_fashion_mnist
 
         reference = load_fashion_mnist("train")[0]
-    return frechet(statistics(features(samples, feature, extractor)), reference_statistics(reference, feature, extractor))
+    ref = reference_statistics(reference, feature, extractor)
+    feats = features(samples, feature, extractor)
+    value = frechet(statistics(feats), ref)
+    if num_bootstrap <= 0:
+        return value, None
+    rng = np.random.default_rng(seed)
+    boot = [frechet(statistics(feats[rng.integers(0, len(feats), len(feats))]), ref) for _ in range(num_bootstrap)]
+    return value, float(np.std(boot, ddof=1))
 
 
 def save_pngs(images: torch.Tensor, folder) -> Path:
@@ -194,14 +221,52 @@ def fid_folders(folder1, folder2, batch_size: int = 500) -> float:
     """FID between two folders of 32 x 32 PNGs, read by clean-fid's own loader, on the shipped feature network."""
     from cleanfid import fid as cfid
 
-    return float(cfid.compute_fid(str(folder1), str(folder2), mode="clean", custom_feat_extractor=CleanFIDExtractor(),
-                                  custom_fn_resize=keep_size, num_workers=0, batch_size=batch_size,
-                                  device=torch.device("cpu"), verbose=False))
+    extractor = CleanFIDExtractor()
+
+    def stats(folder):
+        return statistics(cfid.get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size,
+                                                   device=torch.device("cpu"), mode="clean",
+                                                   custom_fn_resize=keep_size, verbose=False))
+
+    return frechet(stats(folder1), stats(folder2))
 
 
 def trajectory_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     """Relative L2 error ||x - ref|| / ||ref|| over the whole batch."""
     return float((x.double() - reference.double()).norm() / reference.double().norm())
+
+
+def _sqrt_ratio_with_se(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float]:
+    """sqrt(sum num / sum den) over per-sample terms, and its delete-one jackknife standard error."""
+    num, den = num.double(), den.double()
+    n, a, b = len(num), num.sum(), den.sum()
+    value = float(torch.sqrt(a / b))
+    if n < 2:
+        return value, float("nan")
+    loo = torch.sqrt((a - num) / (b - den))
+    return value, float(torch.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+
+
+def _check_pair(x: torch.Tensor, reference: torch.Tensor) -> None:
+    if x.shape != reference.shape or x.ndim < 1 or len(x) == 0:
+        raise ValueError(f"x and reference must be batches of the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(reference.shape)}")
+
+
+def rmse_with_se(x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """``(RMSE, its standard error)`` of a batch of end points against reference end points from the same noise:
+    the root of the mean squared difference over every pixel of every sample, the error by the jackknife over
+    samples."""
+    _check_pair(x, reference)
+    d = (x.double() - reference.double()).flatten(1)
+    return _sqrt_ratio_with_se((d ** 2).sum(1), torch.full((len(d),), float(d.shape[1]), dtype=torch.float64))
+
+
+def trajectory_error_with_se(x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """``(trajectory_error, its jackknife standard error over samples)``."""
+    _check_pair(x, reference)
+    d, r = (x.double() - reference.double()).flatten(1), reference.double().flatten(1)
+    return _sqrt_ratio_with_se((d ** 2).sum(1), (r ** 2).sum(1))
 
 
 def class_accuracy(samples: torch.Tensor, labels: torch.Tensor, net: FeatureNet | None = None) -> float:

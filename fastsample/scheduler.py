@@ -104,6 +104,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             k = round(cfg.teleport_fraction * grid.num_steps)
         return min(k, grid.num_steps - 1)
 
+    @property
+    def teleport_origin(self) -> tuple[float, float] | None:
+        """``(alpha, sigma)`` of the full schedule's first level, which teleportation starts from; None when the
+        current schedule skips no step."""
+        return self._teleport_from
+
     def prepare_latents(self, noise: torch.Tensor, num_inference_steps: int | None = None) -> torch.Tensor:
         """The starting latent for this scheduler: ``noise`` (x init_noise_sigma) moved in closed form, with no model
         call, to the first level of the teleported schedule; ``noise`` itself when teleportation is off.  Pass

@@ -1,20 +1,28 @@
-"""Quality against the number of model calls: a resumable sweep over schedulers x NFE (``scripts/fid_sweep.py`` is
-its command line).
+"""Quality against the number of model calls: the one evaluation engine behind every table (``scripts/fid_sweep.py``
+is its command line, ``make results`` runs the committed plan).
 
-Sample i always starts from the noise of its own generator, seeded with (seed, i), so a cell's samples are the same
-whatever the batch size or the number of processes.  Each finished cell is appended to a JSONL file at once; a rerun
-skips finished cells, so an interrupted sweep loses at most the cell in progress.  Under ``accelerate launch`` each
-process samples its shard and the metric is computed once, on the main process.
+A sweep is rows (scheduler specs: a name, a class with keyword arguments, a ``save_pretrained`` folder, optionally a
+T-Stitch pair) x NFE.  Sample i always starts from the noise of its own generator, seeded with (seed, i), so a
+cell's samples are the same whatever the batch size or the number of processes.  A cell's key hashes everything that
+decides its result (the model and its weights, the row and its scheduler's config, NFE, sample count, seed, metric),
+so two models or two configs never share a cell, and a rerun skips exactly the finished ones.  Each finished cell
+is written to a locked JSONL file atomically (``fastsample.results``), so an interrupted sweep loses at most the
+cell in progress.  Under ``accelerate launch`` each process samples its shard and the metric is computed once, on
+the main process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from .results import read_records  # noqa: F401  (the sweep's reader, re-exported)
 from .sampling import sample
 
 # name: (source, class name, config).  Ours and diffusers' versions of the same methods, on the zoo's training config.
@@ -25,29 +33,117 @@ SCHEDULERS = {
     "dpm++3m-exact": ("ours", "DPMSolverPlusPlusScheduler", {"solver_order": 3, "third_order": "exact"}),
     "deis-tab3": ("ours", "DEISScheduler", {"solver_order": 3}),
     "unipc3": ("ours", "UniPCScheduler", {"solver_order": 3}),
+    "unipc3-bh1": ("ours", "UniPCScheduler", {"solver_order": 3, "solver_type": "bh1"}),  # DC-Solver's base
     "diffusers-ddim": ("diffusers", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
     "diffusers-dpm++2m": ("diffusers", "DPMSolverMultistepScheduler", {"solver_order": 2}),
     "diffusers-dpm++3m": ("diffusers", "DPMSolverMultistepScheduler", {"solver_order": 3}),
     "diffusers-deis": ("diffusers", "DEISMultistepScheduler", {"solver_order": 3}),
     "diffusers-unipc": ("diffusers", "UniPCMultistepScheduler", {"solver_order": 3}),
 }
-DEFAULT_SCHEDULERS = tuple(n for n in SCHEDULERS if n != "dpm++3m-exact")
+DEFAULT_SCHEDULERS = tuple(n for n in SCHEDULERS if n not in ("dpm++3m-exact", "unipc3-bh1"))
 FLOOR = "floor"          # the converged reference cell: UniPC-3 with many steps
 FLOOR_SCHEDULER = "unipc3"
 TESTBED = "testbed"
+REFERENCE_CACHE = Path.home() / ".cache" / "fastsample" / "references"  # converged solves, per weights and seed
+
+# Variants of our schedulers, named "<base>:<variant>", that use what was fitted or computed for a zoo model:
+#   "<base>:dc"           DC-Solver ratios fitted at this NFE: <artefacts>/dc/<model>/nfe<N>-cfg1 (scripts/fit_dc.py)
+#   "<base>:learned"      the learned schedule for this NFE: <artefacts>/schedules/<model>/<stem>-nfe<N>.json
+#                         (scripts/learn_schedule.py's dp fit; ":learned-gradient-scales" etc. name its other
+#                         fits' files); its weights hash must match the model's
+#   "<base>:<spacing>"    one of our schedulers with another step spacing (fastsample.timesteps.SPACINGS), e.g.
+#                         "unipc3:karras": the hand-made spacings that learned schedules are measured against
+#   "<base>:teleport<F>"  analytic Gaussian teleportation of the first fraction F of the steps, with the shipped
+#                         Fashion-MNIST statistics: N steps, fewer model calls (the record's model_calls)
+DC_BASES = {"unipc3": "unipc"}
+LEARNED_STEMS = {"unipc3": "unipc3", "dpm++3m": "dpmsolver++3", "dpm++2m": "dpmsolver++2", "deis-tab3": "deis3"}
+OURS = tuple(n for n, (source, _, _) in SCHEDULERS.items() if source == "ours")
+ARTEFACTS = Path(__file__).resolve().parent.parent  # the checkout: dc/ and schedules/ beside the package
 
 
-def make_named_scheduler(name: str):
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {name!r}")
+def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None]:
+    """``(base, variant, argument)`` of a sweep scheduler name, the argument being the spacing, the teleport
+    fraction or the learned schedule's file suffix; a clear error for anything else."""
+    from .timesteps import SPACINGS
+
+    choices = (f"one of {tuple(SCHEDULERS)}, or <base>:dc (base in {tuple(DC_BASES)}), <base>:learned[-<fit>] "
+               f"(base in {tuple(LEARNED_STEMS)}), <base>:<spacing> (spacing in {SPACINGS}) or <base>:teleport<F> "
+               f"(base in {OURS}, 0 < F < 1)")
+    base, _, variant = str(name).partition(":")
+    if base not in SCHEDULERS or (variant and not variant.startswith(("dc", "learned", "teleport"))
+                                  and variant not in SPACINGS):
+        raise ValueError(f"scheduler must be {choices}, got {name!r}")
+    if not variant:
+        return base, None, None
+    if variant in SPACINGS:
+        if base not in OURS:
+            raise ValueError(f"scheduler must be {choices}, got {name!r}")
+        return base, "spacing", variant
+    if variant == "dc" or variant.startswith("learned"):
+        suffix = variant[len("learned"):] if variant.startswith("learned") else None
+        if base not in (DC_BASES if variant == "dc" else LEARNED_STEMS) or (suffix and not suffix.startswith("-")):
+            raise ValueError(f"scheduler must be {choices}, got {name!r}")
+        return (base, "dc", None) if variant == "dc" else (base, "learned", suffix)
+    try:
+        fraction = float(variant[len("teleport"):])
+    except ValueError:
+        raise ValueError(f"scheduler must be {choices}, got {name!r}") from None
+    if base not in OURS or not 0 < fraction < 1:
+        raise ValueError(f"scheduler must be {choices}, got {name!r}")
+    return base, "teleport", fraction
+
+
+def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = None, weights=None,
+                         artefacts=ARTEFACTS, teleport_stats=None):
+    """The scheduler a sweep name stands for, on the zoo's training config.  ":dc" and ":learned" need the zoo
+    ``model``'s name and the ``nfe`` they were fitted at; ":learned" checks the schedule's weights hash against
+    ``weights`` (the model's module) when given.  ":teleport<F>" uses ``teleport_stats`` (a GaussianStats file),
+    by default the shipped Fashion-MNIST statistics for a zoo model."""
+    base, variant, argument = parse_scheduler_name(name)
     import diffusers
 
     import fastsample.solvers
 
-    from .zoo import SCHEDULER_CONFIG
+    from .zoo import MODELS_DIR, SCHEDULER_CONFIG
 
-    source, cls_name, cfg = SCHEDULERS[name]
-    return getattr(fastsample.solvers if source == "ours" else diffusers, cls_name)(**SCHEDULER_CONFIG, **cfg)
+    source, cls_name, cfg = SCHEDULERS[base]
+    cls = getattr(fastsample.solvers if source == "ours" else diffusers, cls_name)
+    if variant is None:
+        return cls(**SCHEDULER_CONFIG, **cfg)
+    if variant == "spacing":
+        return cls(**SCHEDULER_CONFIG, **cfg, spacing=argument)
+    if variant == "teleport" and teleport_stats is not None:
+        return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=str(teleport_stats), teleport_fraction=argument)
+    if model is None or model == TESTBED:
+        raise ValueError(f"scheduler {name!r} needs a zoo model's fitted artefacts, got model {model!r}")
+    if variant == "teleport":
+        stats = MODELS_DIR / "fmnist-gaussian.safetensors"
+        return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=str(stats), teleport_fraction=argument)
+    artefacts = Path(artefacts)
+    if variant == "dc":
+        folder = artefacts / "dc" / model / f"nfe{nfe}-cfg1"
+        if not (folder / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"no DC-Solver fit for {model} at NFE {nfe} ({folder}); fit it with: "
+                                    f"python scripts/fit_dc.py --model {model} --nfe {nfe}")
+        scheduler = fastsample.solvers.DCSolverScheduler.from_pretrained(folder)
+        if scheduler.config.base_solver != DC_BASES[base] or scheduler.config.solver_order != cfg["solver_order"]:
+            raise ValueError(f"{folder} holds a fit for base_solver={scheduler.config.base_solver!r}, order "
+                             f"{scheduler.config.solver_order}, not {name!r}")
+        return scheduler
+    from fastsample.solvers.learned_schedule import LearnedSchedule, model_hash
+
+    path = artefacts / "schedules" / model / f"{LEARNED_STEMS[base]}-nfe{nfe}{argument}.json"
+    if not path.is_file():
+        order = cfg["solver_order"]
+        solver = {"DPMSolverPlusPlusScheduler": "dpmsolver++", "UniPCScheduler": "unipc", "DEISScheduler": "deis"}
+        raise FileNotFoundError(f"no learned schedule for {model} at NFE {nfe} ({path}); fit it with: python "
+                                f"scripts/learn_schedule.py --model {model} --scheduler {solver[cls_name]} "
+                                f"--order {order} --nfe {nfe} --out {path.parent}")
+    schedule = LearnedSchedule.load(path)
+    if weights is not None and schedule.model_hash != model_hash(weights):
+        raise ValueError(f"{path} was learned for other weights (hash {schedule.model_hash!r}, the model's is "
+                         f"{model_hash(weights)!r}): refit it")
+    return schedule.scheduler(cls(**SCHEDULER_CONFIG, **cfg))
 
 
 def noise_for(indices, shape, seed: int) -> torch.Tensor:
@@ -56,68 +152,305 @@ def noise_for(indices, shape, seed: int) -> torch.Tensor:
                         for i in indices])
 
 
-class Task:
-    """What is sampled and how it is scored: a zoo model (FID) or the exact testbed (trajectory error against the
-    exact probability-flow ODE solution)."""
+# ---------------------------------------------------------------------------------------------------------- rows
+# A row of a sweep is a scheduler spec, held as a canonical dict (the form that enters a cell's key):
+#   {"name": "unipc3:learned"}                                   a name above (or a variant, see parse_scheduler_name)
+#   {"class": "diffusers.UniPCMultistepScheduler", "kwargs": {...}}   any scheduler class of diffusers or fastsample,
+#                                                                on the zoo's training config updated by kwargs
+#   {"folder": "schedules/fmnist-large/unipc3-nfe{nfe}"}        a save_pretrained folder ("{nfe}": the cell's NFE)
+# plus, on a zoo model, "tstitch": {"small": "fmnist-small", "fraction": 0.4} (the first 40% of the steps on the
+# small model) and an optional display "label".  On the command line a row is the name, the folder path, or
+# "diffusers.UniPCMultistepScheduler{\"solver_order\": 2}" (the class, then its keyword arguments as JSON).
+SPEC_KINDS = ("name", "class", "folder")
+SCHEDULER_MODULES = ("fastsample.solvers", "diffusers")
 
-    def __init__(self, model: str, device="cpu"):
+
+def _scheduler_class(qualified: str):
+    import importlib
+
+    module, _, cls_name = str(qualified).rpartition(".")
+    if module not in SCHEDULER_MODULES:
+        raise ValueError(f"a row's class must be <module>.<SchedulerClass> with module in {SCHEDULER_MODULES}, "
+                         f"got {qualified!r}")
+    cls = getattr(importlib.import_module(module), cls_name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise ValueError(f"{qualified!r} is not a scheduler class of {module}")
+    return cls
+
+
+def normalize_spec(spec) -> dict:
+    """A row (a string or a dict, see above) as its canonical dict; a clear error for anything else."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        head = text.split("{", 1)[0]
+        if "{" in text and "." in head and "/" not in head:
+            try:
+                kwargs = json.loads(text[len(head):])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"row {spec!r}: the keyword arguments after the class must be a JSON object ({e})") \
+                    from None
+            spec = {"class": head, "kwargs": kwargs}
+        elif "/" in text:
+            spec = {"folder": text}
+        else:
+            spec = {"name": text}
+    if not isinstance(spec, dict):
+        raise ValueError(f"a row must be a string or a dict, got {type(spec).__name__}: {spec!r}")
+    unknown = set(spec) - {"name", "class", "kwargs", "folder", "tstitch", "label"}
+    kinds = [k for k in SPEC_KINDS if k in spec]
+    if unknown or len(kinds) != 1:
+        raise ValueError(f"a row needs exactly one of {SPEC_KINDS} (plus optional 'kwargs' with 'class', "
+                         f"'tstitch', 'label'), got {spec!r}")
+    out = {k: spec[k] for k in kinds}
+    if "name" in spec and spec["name"] != FLOOR:
+        parse_scheduler_name(spec["name"])
+    if "class" in spec:
+        _scheduler_class(spec["class"])
+        kwargs = spec.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"a row's kwargs must be a dict, got {kwargs!r}")
+        out["kwargs"] = dict(sorted(kwargs.items()))
+    elif "kwargs" in spec:
+        raise ValueError(f"'kwargs' goes with 'class' only, got {spec!r}")
+    if "folder" in spec and not isinstance(spec["folder"], str):
+        raise ValueError(f"a row's folder must be a path string, got {spec['folder']!r}")
+    if "tstitch" in spec:
+        ts = spec["tstitch"]
         from . import zoo
 
+        if (not isinstance(ts, dict) or set(ts) != {"small", "fraction"} or ts["small"] not in zoo.MODEL_CONFIGS
+                or not isinstance(ts["fraction"], (int, float)) or not 0 < ts["fraction"] < 1):
+            raise ValueError(f"tstitch must be {{'small': <zoo model>, 'fraction': F}} with 0 < F < 1 (the share of "
+                             f"the steps, noisiest first, on the small model), got {ts!r}")
+        out["tstitch"] = {"small": ts["small"], "fraction": float(ts["fraction"])}
+    if "label" in spec:
+        out["label"] = str(spec["label"])
+    return out
+
+
+def spec_label(spec: dict) -> str:
+    """The row's name in tables and plots."""
+    if "label" in spec:
+        return spec["label"]
+    if "name" in spec:
+        text = spec["name"]
+    elif "class" in spec:
+        args = ",".join(f"{k}={v}" for k, v in spec["kwargs"].items())
+        text = spec["class"].replace("fastsample.solvers.", "") + (f"({args})" if args else "")
+    else:
+        text = Path(spec["folder"]).name
+    if "tstitch" in spec:
+        text += f"+tstitch({spec['tstitch']['small']}@{spec['tstitch']['fraction']:g})"
+    return text
+
+
+def resolve_folder(folder: str, nfe: int) -> Path:
+    """A row's scheduler folder for this NFE: relative paths from the working directory, else from the checkout."""
+    path = Path(folder.format(nfe=nfe))
+    for candidate in (path, ARTEFACTS / path):
+        if (candidate / "scheduler_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no scheduler folder {path} (no scheduler_config.json there, nor under {ARTEFACTS}); "
+                            f"write one with scheduler.save_pretrained")
+
+
+def build_scheduler(spec: dict, task: "Task", nfe: int):
+    """The scheduler a canonical row stands for, at this NFE, for ``task``'s model."""
+    from .zoo import SCHEDULER_CONFIG
+
+    if "name" in spec:
+        name = FLOOR_SCHEDULER if spec["name"] == FLOOR else spec["name"]
+        return make_named_scheduler(name, task.name, nfe, task.unet, teleport_stats=task.teleport_stats)
+    if "class" in spec:
+        return _scheduler_class(spec["class"])(**{**SCHEDULER_CONFIG, **spec["kwargs"]})
+    folder = resolve_folder(spec["folder"], nfe)
+    cls_name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name")
+    for module in SCHEDULER_MODULES:
+        try:
+            cls = _scheduler_class(f"{module}.{cls_name}")
+            break
+        except ValueError:
+            continue
+    else:
+        raise ValueError(f"{folder}: _class_name {cls_name!r} is not a scheduler of {SCHEDULER_MODULES}")
+    return cls.from_pretrained(folder)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def config_digest(scheduler) -> str:
+    """A hash of everything that decides how ``scheduler`` samples: its class, its config (learned timesteps and
+    scales, DC ratios, CPR, teleport options, ...) and the contents of the files its config names (teleport
+    statistics) in place of their paths, so the key is the same in any checkout."""
+    cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    for k, v in cfg.items():
+        if isinstance(v, str) and v.endswith((".safetensors", ".json")) and Path(v).is_file():
+            cfg[k] = "file sha256 " + hashlib.sha256(Path(v).read_bytes()).hexdigest()[:16]
+    return _digest({"class": f"{type(scheduler).__module__.split('.')[0]}.{type(scheduler).__name__}", "config": cfg})
+
+
+# ---------------------------------------------------------------------------------------------------------- tasks
+class Task:
+    """What is sampled and how it is scored.
+
+    A zoo model: metric "fid" (against the Fashion-MNIST train split, with a bootstrap standard error) or "rmse"
+    (the trajectory error: RMSE of each end point against a converged solve from the same noise, UniPC-3 with
+    ``reference_steps`` steps, cached per model weights and seed under ``cache_dir``).  The exact testbed: "rmse" or
+    "trajectory_error" (relative L2), against the exact probability-flow ODE solution over the interval the scheduler
+    integrates."""
+
+    def __init__(self, model: str, device="cpu", reference_steps: int = 200, cache_dir=None):
+        from . import zoo
+        from fastsample.solvers.learned_schedule import model_hash
+
         self.name, self.device = model, device
+        if not isinstance(reference_steps, int) or reference_steps < 2:
+            raise ValueError(f"reference_steps must be an integer >= 2, got {reference_steps!r}")
+        self.reference_steps = reference_steps
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else REFERENCE_CACHE
+        self._small = {}
         if model == TESTBED:
+            from .metrics import tensor_digest
             from .schedules import DiscreteVP, make_betas
             from .testbeds import GaussianMixture
+            from fastsample.solvers.teleport import GaussianStats
 
             self.testbed = GaussianMixture.random(dim=16, components=6, seed=0, schedule=DiscreteVP(make_betas()))
-            self.shape, self.metric, self.model = (16,), "trajectory_error", self.testbed
+            self.shape, self.metrics, self.model, self.unet = (16,), ("trajectory_error", "rmse"), self.testbed, None
+            self.weights = tensor_digest(self.testbed.means, self.testbed.covs, self.testbed.weights)
             self._exact = {}  # (noise digest, sigma_from, sigma_to) -> exact ODE end point, shared by the cells
+            self._stats_dir = tempfile.TemporaryDirectory()  # the mixture's exact moments, for ":teleport<F>"
+            self.teleport_stats = Path(self._stats_dir.name) / "testbed-gaussian.safetensors"
+            mean, cov = self.testbed.moments()
+            evals, evecs = torch.linalg.eigh(cov)
+            GaussianStats(mean, evecs.flip(1).contiguous(), evals.flip(0).clamp_min(0).contiguous(),
+                          self.shape).save(self.teleport_stats)
             return
         if model not in zoo.MODEL_CONFIGS:
             raise ValueError(f"model must be one of {(TESTBED,) + tuple(zoo.MODEL_CONFIGS)}, got {model!r}")
         if zoo.MODEL_CONFIGS[model][1]:
             raise ValueError(f"model {model!r} is class-conditional; sweep an unconditional one "
                              f"({', '.join(n for n, c in zoo.MODEL_CONFIGS.items() if not c[1])})")
-        unet = zoo.load(model, device=device)
-        self.shape, self.metric = (1, 32, 32), "fid"
-        self.model = lambda x, t: unet(x, t).sample
+        self.unet, self.teleport_stats = zoo.load(model, device=device), None
+        self.weights = model_hash(self.unet)
+        self.shape, self.metrics = (1, 32, 32), ("fid", "rmse")
+        self.model = lambda x, t: self.unet(x, t).sample
 
-    def score(self, samples: torch.Tensor, noise: torch.Tensor, scheduler) -> float:
-        if self.metric == "fid":
-            from .metrics import fid
+    @property
+    def metric(self) -> str:
+        """The default metric: FID on a zoo model, trajectory error on the testbed."""
+        return self.metrics[0]
 
-            return fid(samples.cpu())
-        from .metrics import trajectory_error
+    def check_metric(self, metric: str | None) -> str:
+        metric = self.metric if metric is None else metric
+        if metric not in self.metrics:
+            raise ValueError(f"metric must be one of {self.metrics} for model {self.name!r}, got {metric!r}")
+        return metric
 
-        # the reference is the exact ODE solution over the interval the scheduler integrates: from its first timestep
-        # (diffusers' DDIM "leading" spacing starts below 999) to its last sigma (DEIS stops at sigma_min; DDIM, with
-        # set_alpha_to_one, at clean data)
-        t0 = int(scheduler.timesteps[0])
-        alpha0 = float(self.testbed.schedule.alpha_sigma(torch.tensor(float(t0), dtype=torch.float64))[0])
-        s0 = math.sqrt(1 - alpha0 ** 2) / alpha0
+    def model_for(self, spec: dict):
+        """``(model function, weights digest)`` for a row: this task's model, or the T-Stitch pair it names."""
+        if "tstitch" not in spec:
+            return self.model, self.weights
+        if self.unet is None:
+            raise ValueError(f"a tstitch row needs a zoo model, got model {self.name!r}")
+        from . import zoo
+        from fastsample.guidance.tstitch import StitchedModel
+        from fastsample.solvers.learned_schedule import model_hash
+
+        small = spec["tstitch"]["small"]
+        if small not in self._small:
+            self._small[small] = zoo.load(small, device=self.device)
+        stitched = StitchedModel([self._small[small], self.unet], [spec["tstitch"]["fraction"]])
+        return (lambda x, t: stitched(x, t).sample), _digest([self.weights, model_hash(self._small[small])])
+
+    def identity(self, metric: str) -> dict:
+        """What the metric's value depends on besides the row: the converged solve's step count for "rmse"."""
+        return {"reference_steps": self.reference_steps} if metric == "rmse" and self.unet is not None else {}
+
+    def reference(self, num: int, seed: int, batch_size: int = 250, log=None) -> torch.Tensor:
+        """The converged end points of samples 0..num-1 of ``seed``: UniPC-3 at ``reference_steps`` steps from the
+        same noise, computed once a chunk of ``batch_size`` at a time and kept (atomically) in the cache, so a
+        kill loses at most the chunk in progress."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.cache_dir / f"{self.name}-{self.weights}-seed{seed}-unipc3x{self.reference_steps}.safetensors"
+        have = load_file(str(path))["x"] if path.is_file() else torch.zeros(0, *self.shape)
+        while len(have) < num:
+            idx = range(len(have), min(num, len(have) + batch_size))
+            start = time.time()
+            with torch.no_grad():
+                x, _ = sample(self.model, noise_for(idx, self.shape, seed).to(self.device),
+                              make_named_scheduler(FLOOR_SCHEDULER), self.reference_steps, progress=False)
+            have = torch.cat([have, x.float().cpu()])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"x": have.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+            if log:
+                log(f"reference {path.name}: {len(have)} of {num} ({time.time() - start:.1f} s)")
+        return have[:num]
+
+    def score(self, metric: str, samples: torch.Tensor, noise: torch.Tensor, scheduler, seed: int,
+              log=None) -> tuple[float, float | None]:
+        """``(value, standard error)`` of ``metric`` for the samples drawn from ``noise``."""
+        from .metrics import fid_with_se, rmse_with_se, trajectory_error_with_se
+
+        if metric == "fid":
+            return fid_with_se(samples.cpu())
+        if self.unet is not None:
+            return rmse_with_se(samples.cpu(), self.reference(len(samples), seed, log=log))
+        # the testbed's reference is the exact ODE solution over the interval the scheduler integrates: from its
+        # first timestep (diffusers' DDIM "leading" spacing starts below 999; a teleported schedule from the level it
+        # teleported from) to its last sigma (DEIS stops at sigma_min; DDIM, with set_alpha_to_one, at clean data)
+        origin = getattr(scheduler, "teleport_origin", None)
+        if origin is None:
+            t0 = torch.tensor(float(scheduler.timesteps[0]), dtype=torch.float64)
+            alpha0 = float(self.testbed.schedule.alpha_sigma(t0)[0])
+            s0 = math.sqrt(1 - alpha0 ** 2) / alpha0
+        else:
+            alpha0, s0 = float(origin[0]), float(origin[1] / origin[0])
         s1 = float(scheduler.sigmas[-1]) if hasattr(scheduler, "sigmas") else 0.0
         x_T = noise.double()
-        key = (hash(x_T.numpy().tobytes()), t0, s1)
+        key = (hash(x_T.numpy().tobytes()), s0, s1)
         if key not in self._exact:  # rtol 1e-9: far below any error a cell measures
             self._exact[key] = self.testbed.exact_solution(x_T, s0, s1, alpha0, 1 / math.sqrt(1 + s1 ** 2), rtol=1e-9)
-        return trajectory_error(samples, self._exact[key])
+        pair = (samples, self._exact[key])
+        return rmse_with_se(*pair) if metric == "rmse" else trajectory_error_with_se(*pair)
 
 
 class _OneProcess:
     num_processes, process_index, is_main_process = 1, 0, True
 
 
-def run_cell(task: Task, sched_name: str, nfe: int, num: int, seed: int = 0, batch_size: int = 250,
-             acc=None) -> dict:
+def cell(task: Task, spec, nfe: int, num: int, seed: int = 0, metric: str | None = None):
+    """``(scheduler, model function, identity)`` of one cell; ``identity["key"]`` is the hash of everything that
+    decides its result: the model and its weights, the row and its scheduler's config, NFE, sample count, seed and
+    metric (with what the metric depends on)."""
+    spec = normalize_spec(spec)
+    metric = task.check_metric(metric)
+    scheduler = build_scheduler(spec, task, nfe)
+    model, weights = task.model_for(spec)
+    ident = {"model": task.name, "weights": weights, "spec": spec, "config": config_digest(scheduler), "nfe": nfe,
+             "num": num, "seed": seed, "metric": metric, **task.identity(metric)}
+    return scheduler, model, {"key": _digest(ident), **ident}
+
+
+def run_cell(task: Task, spec, nfe: int, num: int, seed: int = 0, batch_size: int = 250, acc=None,
+             metric: str | None = None, log=None) -> dict:
     """Sample ``num`` images (this process's shard of them under accelerate) and score them: one JSONL record."""
     acc = acc or _OneProcess()
-    scheduler = make_named_scheduler(FLOOR_SCHEDULER if sched_name == FLOOR else sched_name)
+    scheduler, model, ident = cell(task, spec, nfe, num, seed, metric)
     mine = list(range(acc.process_index, num, acc.num_processes))
     outs, calls, start = [], 0, time.time()
     for b in range(0, len(mine), batch_size):
         idx = mine[b:b + batch_size]
         noise = noise_for(idx, task.shape, seed).to(task.device)
+        if hasattr(scheduler, "prepare_latents"):  # teleported: the closed-form jump (the zoo's VP: init sigma 1)
+            noise = scheduler.prepare_latents(noise, nfe)
         with torch.no_grad():
-            x, calls = sample(task.model, noise, scheduler=scheduler, num_inference_steps=nfe, progress=False)
+            x, calls = sample(model, noise, scheduler=scheduler, num_inference_steps=nfe, progress=False)
         outs.append(torch.cat([torch.tensor(idx, dtype=torch.float64).view(-1, 1), x.double().flatten(1).cpu()], 1))
     width = 1 + math.prod(task.shape)
     local = torch.cat(outs) if outs else torch.zeros(0, width, dtype=torch.float64)
@@ -126,65 +459,95 @@ def run_cell(task: Task, sched_name: str, nfe: int, num: int, seed: int = 0, bat
         gathered = acc.gather(torch.cat([local, pad]).to(acc.device)).cpu()
         local = gathered[gathered[:, 0] >= 0]
     local = local[local[:, 0].argsort()]
-    record = {"model": task.name, "scheduler": sched_name, "nfe": nfe, "num": num, "seed": seed,
-              "model_calls": calls, "seconds": round(time.time() - start, 1)}
+    family = "diffusers" if type(scheduler).__module__.startswith("diffusers") else "fastsample"
+    record = {**ident, "scheduler": spec_label(ident["spec"]), "family": family, "model_calls": calls,
+              "seconds": round(time.time() - start, 1)}
     if acc.is_main_process:
         samples = local[:, 1:].reshape(-1, *task.shape).float()
-        record[task.metric] = task.score(samples, noise_for(range(num), task.shape, seed), scheduler)
+        value, se = task.score(ident["metric"], samples, noise_for(range(num), task.shape, seed), scheduler, seed, log)
+        record[ident["metric"]], record["se"] = value, se
     return record
 
 
-def read_records(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_sweep(model: str, schedulers, nfes, num: int, out, seed: int = 0, batch_size: int = 250,
-              floor_nfe: int | None = None, device="cpu", acc=None, log=print) -> list[dict]:
-    """Every (scheduler, NFE) cell not yet in ``out``, appended as it finishes; the floor cell last."""
-    for s in schedulers:
-        if s not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {s!r}")
+              floor_nfe: int | None = None, device="cpu", acc=None, log=print, metric: str | None = None,
+              reference_steps: int = 200, task: Task | None = None) -> list[dict]:
+    """Every (row, NFE) cell not yet in ``out`` (by key), appended as it finishes, the floor cell last; returns the
+    records of this sweep's cells, in order.  ``out`` is locked while the sweep runs."""
+    from .results import ResultsFile, read_records
+
+    rows = [normalize_spec(s) for s in schedulers]
     for n in list(nfes) + ([floor_nfe] if floor_nfe is not None else []):
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"NFE values must be integers >= 1 (every solver here takes any NFE from 1), got {n!r}")
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num (samples a cell) must be an integer >= 1, got {num!r}")
     acc = acc or _OneProcess()
-    out = Path(out)
-    task = Task(model, device)
-    done = {(r["scheduler"], r["nfe"], r["num"], r["seed"]) for r in read_records(out)}
-    cells = [(s, n) for s in schedulers for n in nfes] + ([(FLOOR, floor_nfe)] if floor_nfe is not None else [])
-    for name, nfe in cells:
-        if (name, nfe, num, seed) in done:
-            continue
-        record = run_cell(task, name, nfe, num, seed, batch_size, acc)
-        if acc.is_main_process:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(json.dumps(record))
-    return read_records(out)
+    task = task or Task(model, device, reference_steps)
+    metric = task.check_metric(metric)
+    cells = [(s, n) for s in rows for n in nfes] + ([({"name": FLOOR}, floor_nfe)] if floor_nfe is not None else [])
+    keys = [cell(task, s, n, num, seed, metric)[2]["key"] for s, n in cells]
+    if not acc.is_main_process:  # the main process writes; the others sample their shards of the same cells
+        done = {r.get("key") for r in read_records(out)}
+        for (s, n), key in zip(cells, keys):
+            if key not in done:
+                run_cell(task, s, n, num, seed, batch_size, acc, metric)
+        return []
+    with ResultsFile(out, log=log) as f:
+        for (s, n), key in zip(cells, keys):
+            if key in f.keys():
+                continue
+            record = run_cell(task, s, n, num, seed, batch_size, acc, metric, log=log)
+            f.append(record)
+            log(json.dumps({k: v for k, v in record.items() if k not in ("spec", "weights", "config")}))
+        by_key = {r.get("key"): r for r in f.records}
+    return [by_key[k] for k in keys]
 
 
-def render(records: list[dict], plot=None, table=None) -> str:
-    """A markdown table (one row per scheduler, one column per NFE) and, with ``plot``, a PNG of the metric against
-    NFE on log axes with the floor as a horizontal line."""
-    metric = "fid" if any("fid" in r for r in records) else "trajectory_error"
-    by, floor = {}, None
+# ---------------------------------------------------------------------------------------------------------- output
+def _metric_of(records: list[dict]) -> str:
+    for r in records:
+        if "metric" in r:
+            return r["metric"]
+    return "fid" if any("fid" in r for r in records) else "trajectory_error"
+
+
+def _fmt(value: float, se) -> str:
+    return f"{value:.4g}" if se is None or not math.isfinite(se) else f"{value:.4g} ± {se:.2g}"
+
+
+def render(records: list[dict], plot=None, table=None, title: str | None = None) -> str:
+    """A markdown table (one row per scheduler row, one column per model-call count, each value with its standard
+    error) with, where both families are present, the ratio of fastsample's best to diffusers' best at each NFE;
+    and, with ``plot``, a PNG of the metric against NFE on log axes with the floor as a horizontal line."""
+    metric = _metric_of(records)
+    by, se, family, floor = {}, {}, {}, None
     for r in records:
         if r["scheduler"] == FLOOR:
             floor = r
-        else:
-            by.setdefault(r["scheduler"], {})[r["nfe"]] = r[metric]
+            continue
+        calls = r.get("model_calls", r["nfe"])  # teleported: fewer model calls than steps
+        by.setdefault(r["scheduler"], {})[calls] = r[metric]
+        se.setdefault(r["scheduler"], {})[calls] = r.get("se")
+        family[r["scheduler"]] = r.get("family", "diffusers" if r["scheduler"].startswith("diffusers") else
+                                       "fastsample")
     nfes = sorted({n for vals in by.values() for n in vals})
     lines = ["| scheduler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
     for name, vals in by.items():
-        lines.append(f"| {name} | " + " | ".join(f"{vals[n]:.4g}" if n in vals else "" for n in nfes) + " |")
-    text = "\n".join(lines) + "\n"
+        lines.append(f"| {name} | " + " | ".join(_fmt(vals[n], se[name][n]) if n in vals else "" for n in nfes)
+                     + " |")
+    if len(set(family.values())) == 2:
+        best = {f: {n: min((v[n] for name, v in by.items() if family[name] == f and n in v), default=None)
+                    for n in nfes} for f in ("fastsample", "diffusers")}
+        ratio = [f"{best['fastsample'][n] / best['diffusers'][n]:.2f}x"
+                 if best["fastsample"][n] is not None and best["diffusers"][n] else "" for n in nfes]
+        lines.append("| **fastsample best / diffusers best** | " + " | ".join(ratio) + " |")
+    text = (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n"
     if floor is not None:
-        text += f"\nConverged floor ({FLOOR_SCHEDULER} at {floor['nfe']} NFE): {metric} {floor[metric]:.4g}\n"
+        text += (f"\nConverged floor ({FLOOR_SCHEDULER} at {floor['nfe']} NFE): {metric} "
+                 f"{_fmt(floor[metric], floor.get('se'))}\n")
     if table:
+        Path(table).parent.mkdir(parents=True, exist_ok=True)
         Path(table).write_text(text)
     if plot:
         import matplotlib
@@ -195,8 +558,9 @@ def render(records: list[dict], plot=None, table=None) -> str:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, vals in by.items():
             xs = sorted(vals)
-            ax.plot(xs, [vals[x] for x in xs], marker="x" if name.startswith("diffusers") else "o", label=name,
-                    linestyle="--" if name.startswith("diffusers") else "-")
+            dashed = family[name] == "diffusers"
+            ax.errorbar(xs, [vals[x] for x in xs], yerr=[se[name][x] or 0 for x in xs], marker="x" if dashed else "o",
+                        label=name, linestyle="--" if dashed else "-", capsize=2)
         if floor is not None:
             ax.axhline(floor[metric], color="k", linewidth=0.8, label=f"floor ({floor['nfe']} NFE)")
         ax.set_xscale("log")
@@ -204,9 +568,66 @@ def render(records: list[dict], plot=None, table=None) -> str:
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.set_xlabel("model calls (NFE)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{records[0]['model']}: {metric} vs NFE ({records[0]['num']} samples a cell)")
+        ax.set_title(title or f"{records[0]['model']}: {metric} vs NFE ({records[0]['num']} samples a cell)")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
         plt.close(fig)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------- plans
+PLAN_KEYS = {"name", "model", "metric", "num", "seed", "nfe", "rows", "floor", "out", "table", "plot",
+             "reference_steps", "batch_size", "title"}
+PLAN_REQUIRED = ("name", "model", "metric", "num", "nfe", "rows", "out")
+
+
+def load_plan(plan) -> list[dict]:
+    """The blocks of a plan: a JSON file (or its dict) ``{"blocks": [...]}``, each block one sweep with keys
+    name, model, metric, num, nfe, rows and out (required) and seed, floor, table, plot, reference_steps,
+    batch_size, title."""
+    source = plan
+    if not isinstance(plan, dict):
+        plan = json.loads(Path(plan).read_text())
+    blocks = plan.get("blocks") if isinstance(plan, dict) else None
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{source}: a plan is {{'blocks': [...]}} with at least one block")
+    names = set()
+    for i, b in enumerate(blocks):
+        where = f"{source}, block {i} ({b.get('name', '?') if isinstance(b, dict) else b!r})"
+        if not isinstance(b, dict):
+            raise ValueError(f"{where}: a block must be a dict")
+        missing, unknown = [k for k in PLAN_REQUIRED if k not in b], set(b) - PLAN_KEYS
+        if missing or unknown:
+            raise ValueError(f"{where}: missing keys {missing}, unknown keys {sorted(unknown)}; a block takes "
+                             f"{sorted(PLAN_KEYS)}")
+        if b["name"] in names:
+            raise ValueError(f"{where}: block names must be unique")
+        names.add(b["name"])
+        for s in b["rows"]:
+            normalize_spec(s)
+    return blocks
+
+
+def run_plan(plan, only=None, device="cpu", log=print) -> dict:
+    """Run every block of a plan (or those named in ``only``) in order, each a resumable sweep into its ``out``,
+    then write its table and plot; returns {block name: records}.  A rerun of a finished plan computes nothing."""
+    blocks = load_plan(plan)
+    if only:
+        unknown = set(only) - {b["name"] for b in blocks}
+        if unknown:
+            raise ValueError(f"no blocks named {sorted(unknown)}; the plan has {[b['name'] for b in blocks]}")
+        blocks = [b for b in blocks if b["name"] in only]
+    tasks, results = {}, {}
+    for b in blocks:
+        steps = b.get("reference_steps", 200)
+        if (b["model"], steps) not in tasks:
+            tasks[b["model"], steps] = Task(b["model"], device, steps)
+        log(f"== block {b['name']}: {b['model']}, {b['metric']}, {len(b['rows'])} rows x NFE {b['nfe']}")
+        records = run_sweep(b["model"], b["rows"], b["nfe"], b["num"], b["out"], seed=b.get("seed", 0),
+                            batch_size=b.get("batch_size", 250), floor_nfe=b.get("floor"), device=device, log=log,
+                            metric=b["metric"], task=tasks[b["model"], steps])
+        render(records, b.get("plot"), b.get("table"), b.get("title"))
+        results[b["name"]] = records
+    return results

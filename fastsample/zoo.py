@@ -52,6 +52,7 @@ def available() -> list[str]:
 
 def load(name: str, device=None, dtype=None):
     """The shipped model ``name`` (EMA weights) as a diffusers UNet2DModel in eval mode."""
+    import torch
     from diffusers import UNet2DModel
 
     check_name(name)
@@ -59,7 +60,11 @@ def load(name: str, device=None, dtype=None):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model {name!r} is not shipped yet (no {path}); shipped: {available() or 'none'}. "
                                 f"Train it with: python scripts/train.py --model {name}")
-    model = UNet2DModel.from_pretrained(path)
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
+    model = UNet2DModel.from_pretrained(path, **({} if dtype is None else {"torch_dtype": dtype}))
+    if device is not None:
+        model = model.to(device)
+    # channels-last convolution weights: about 1.3x the images per second of the default layout on CPU (measured on
+    # 2 cores, batch 250); the outputs differ by float32 round-off and keep the caller's layout.  torch's own
+    # Module.to: diffusers' override warns about dtype casts on any call, and this one casts nothing
+    torch.nn.Module.to(model, memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)

@@ -1,50 +1,76 @@
-"""Quality against the number of model calls: a resumable sweep over schedulers x NFE (fastsample.sweep).
+"""Quality against the number of model calls: the resumable sweep over rows x NFE (fastsample.sweep), or a whole
+plan of sweeps.
 
-    python scripts/fid_sweep.py --model fmnist-large --nfe 5 6 8 10 15 20 --num 5000 --floor-nfe 200 \\
-        --out results/fmnist-large.jsonl --plot results/fmnist-large.png --table results/fmnist-large.md
+    python scripts/fid_sweep.py --plan plans/fmnist-large.json          # every committed table (make results)
+    python scripts/fid_sweep.py --plan plans/fmnist-large.json --only main-rmse
+    python scripts/fid_sweep.py --model fmnist-large --metric rmse --nfe 5 8 --num 500 --seed 1 \\
+        --schedulers unipc3 diffusers-unipc schedules/fmnist-large/unipc3-nfe{nfe} \\
+        'diffusers.UniPCMultistepScheduler{"solver_order": 2}' --out results/x.jsonl --table results/x.md
     python scripts/fid_sweep.py --model testbed --nfe 5 10 20 --num 512     # exact testbed: trajectory error
     accelerate launch scripts/fid_sweep.py ...                              # shards across processes / GPUs
 
-Sample i starts from the noise of generator (seed, i), so a cell's samples do not depend on the batch size or the
-process count.  Each finished cell is appended to the JSONL at once; a rerun skips finished cells.
+A row is a name (see fastsample.sweep: ours, diffusers-*, and <base>:dc, :learned, :<spacing>, :teleport<F>), a
+save_pretrained folder ("{nfe}" stands for the cell's NFE), or a class of diffusers or fastsample.solvers followed by
+its keyword arguments as JSON.  Sample i starts from the noise of generator (seed, i), so a cell's samples do not
+depend on the batch size or the process count.  Each finished cell is written to the JSONL at once, atomically; a
+rerun skips finished cells (matched by a key of the model's weights, the row's config, NFE, count, seed and metric).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fastsample.sweep import DEFAULT_SCHEDULERS, SCHEDULERS, read_records, render, run_sweep
+from fastsample.sweep import DEFAULT_SCHEDULERS, SCHEDULERS, render, run_plan, run_sweep
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", default=None, help="a plan file (JSON blocks, see fastsample.sweep.load_plan)")
+    p.add_argument("--only", nargs="+", default=None, help="with --plan: run only these blocks")
     p.add_argument("--model", default="fmnist-large", help="a zoo model or 'testbed'")
-    p.add_argument("--schedulers", nargs="+", default=list(DEFAULT_SCHEDULERS), help=f"from {', '.join(SCHEDULERS)}")
+    p.add_argument("--metric", default=None, help="fid or rmse on a zoo model (default fid); trajectory_error or "
+                   "rmse on the testbed (default trajectory_error)")
+    p.add_argument("--schedulers", nargs="+", default=list(DEFAULT_SCHEDULERS),
+                   help=f"rows: from {', '.join(SCHEDULERS)}; variants fitted for the model (unipc3:dc, "
+                   "<base>:learned[-<fit>], <base>:teleport<F>); scheduler folders; or Class{json kwargs}")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20])
     p.add_argument("--num", type=int, default=5000, help="samples a cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--floor-nfe", type=int, default=None, help="add the converged floor: UniPC-3 at this many NFE")
+    p.add_argument("--reference-steps", type=int, default=200, help="rmse: steps of the converged UniPC-3 solve")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSONL (default results/<model>.jsonl)")
     p.add_argument("--plot", default=None, help="PNG to render")
     p.add_argument("--table", default=None, help="markdown table to write")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    # cuDNN would otherwise run float32 convolutions in TF32 on Ampere and later GPUs: keep every cell full float32,
+    # so a GPU sweep differs from a CPU one by float32 round-off only
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.plan:
+        try:
+            run_plan(args.plan, args.only, log=log)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
+        return
     from accelerate import Accelerator
 
     acc = Accelerator()
     out = Path(args.out or f"results/{args.model}.jsonl")
     try:
-        run_sweep(args.model, args.schedulers, args.nfe, args.num, out, args.seed, args.batch_size, args.floor_nfe,
-                  acc.device, acc, log=lambda line: print(line, flush=True))
-    except ValueError as e:
+        records = run_sweep(args.model, args.schedulers, args.nfe, args.num, out, args.seed, args.batch_size,
+                            args.floor_nfe, acc.device, acc, log=log, metric=args.metric,
+                            reference_steps=args.reference_steps)
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if acc.is_main_process and (args.plot or args.table):
-        print(render(read_records(out), args.plot, args.table))
+        print(render(records, args.plot, args.table))
 
 
 if __name__ == "__main__":

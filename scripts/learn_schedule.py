@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from fastsample import make_scheduler, zoo
+from fastsample.sampling import reference_states
 from fastsample.guidance.cfg import ClassifierFreeGuidance
-from fastsample.solvers.learned_schedule import learn_schedule, validation_error
+from fastsample.solvers.learned_schedule import learn_schedule, model_hash, validation_error
 
 
 def main(argv=None):
@@ -60,13 +61,22 @@ def main(argv=None):
 
     out = Path(args.out or f"schedules/{args.model}")
     out.mkdir(parents=True, exist_ok=True)
+    # the held-out teacher, once for every NFE: 4 UniPC-3 steps through each interval of the fine grid, the interval
+    # every learned schedule spans (its levels are fine-grid levels)
+    sch = make_scheduler(args.scheduler, **zoo.SCHEDULER_CONFIG, solver_order=args.order)
+    sch.set_timesteps(args.fine_steps)
+    start = time.time()
+    with torch.no_grad():
+        reference = reference_states(model, held_out, sch, 4, **held_kw)[-1]
+    print(f"held-out teacher ({args.validation} latents): {time.time() - start:.1f} s", flush=True)
     for nfe in args.nfe:
         sch = make_scheduler(args.scheduler, **zoo.SCHEDULER_CONFIG, solver_order=args.order)
         start = time.time()
         s = learn_schedule(model, sch, train, nfe, method=args.method, fine_steps=args.fine_steps,
                            gradient_options=options if args.method == "gradient" else None, **train_kw)
         took = time.time() - start
-        s.validation_error = validation_error(model, sch, s, held_out, **held_kw)
+        s.validation_error = validation_error(model, sch, s, held_out, reference=reference, **held_kw)
+        s.model_hash = model_hash(unet)  # the fit saw a wrapper (a lambda or CFG): the weights are the unet's
         s.extra.update(model=args.model, fit_seconds=round(took, 1),
                        guidance_scale=args.guidance_scale if classes else None)
         name = f"{args.scheduler}{args.order}-nfe{nfe}" + (

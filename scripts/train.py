@@ -46,18 +46,19 @@ def save_checkpoint(out: Path, model, ema: dict, opt, step: int, args, losses):
     (out / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def load_checkpoint(out: Path, model, ema: dict, opt) -> tuple[int, bool]:
-    """(step, whether the AdamW moments were restored)."""
+def load_checkpoint(out: Path, model, ema: dict, opt, from_ema: bool = False) -> tuple[int, bool]:
+    """(step, whether the AdamW moments were restored).  ``from_ema``: the network starts from the EMA weights too,
+    with fresh AdamW moments (a new training phase, e.g. with another batch size)."""
     if not (out / "state.json").is_file():
         return 0, True
     state = json.loads((out / "state.json").read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for k, v in load_file(str(out / "model.safetensors")).items():
+        for k, v in load_file(str(out / f"{'ema' if from_ema else 'model'}.safetensors")).items():
             params[k].copy_(v)
         for k, v in load_file(str(out / "ema.safetensors")).items():
             ema[k].copy_(v)
-    has_moments = (out / "optimizer.safetensors").is_file()
+    has_moments = (out / "optimizer.safetensors").is_file() and not from_ema
     if has_moments:  # absent when only the weights were kept (git keeps those): AdamW restarts, with a new warmup
         moments = load_file(str(out / "optimizer.safetensors"))
         for name, p in params.items():
@@ -104,6 +105,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's package or torchvision)")
     p.add_argument("--out", default=None, help="checkpoint folder (default: checkpoints/<model>)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--restart-from-ema", action="store_true",
+                   help="resume with the network set to the checkpoint's EMA weights and a fresh AdamW (new phase)")
     p.add_argument("--export", action="store_true", help="only export the checkpoint's EMA weights to the package")
     args = p.parse_args(argv)
     out = Path(args.out or f"checkpoints/{args.model}")
@@ -120,11 +123,18 @@ def main(argv=None):
     model = zoo.build(args.model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
-    step, has_moments = load_checkpoint(out, model, ema, opt)
+    step, has_moments = load_checkpoint(out, model, ema, opt, from_ema=args.restart_from_ema)
     warm_from = 0 if has_moments else step
-    model = model.to(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
+    torch.nn.Module.to(model, memory_format=torch.channels_last)  # ~2x faster CPU convolutions; torch's own .to:
+    # diffusers' override warns about dtype casts, and this casts nothing
     model, opt = acc.prepare(model, opt)
     device = acc.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ema = {k: v.to(device) for k, v in ema.items()}
+    named = list(acc.unwrap_model(model).named_parameters())
+    ema_params, live = [ema[k] for k, _ in named], [v for _, v in named]
     abar = torch.cumprod(1 - make_betas(), 0).to(device)  # diffusers' float32 training schedule
     images, labels = images.to(device), labels.to(device)
     stop = {"now": False}
@@ -132,7 +142,7 @@ def main(argv=None):
         signal.signal(sig, lambda *_: stop.update(now=True))
     log = (out / "log.jsonl")
     out.mkdir(parents=True, exist_ok=True)
-    losses, start, start_step = [], time.time(), step
+    losses, pending, start, start_step = [], [], time.time(), step
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_main_process, desc=args.model)
     while step < args.steps and not stop["now"]:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * (acc.num_processes) + acc.process_index)
@@ -159,13 +169,16 @@ def main(argv=None):
         step += 1
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in acc.unwrap_model(model).named_parameters():
-                ema[k].lerp_(v.detach(), 1 - decay)
-        losses = (losses + [float(loss)])[-200:]
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+            torch._foreach_lerp_(ema_params, live, 1 - decay)
+        pending.append(loss.detach())
         over_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if acc.is_main_process and (step % args.save_every == 0 or step == args.steps or over_time):
+        saving = step % args.save_every == 0 or step == args.steps or over_time
+        if len(pending) == 50 or saving or stop["now"]:  # one device sync per 50 steps, not per step
+            losses = (losses + torch.stack(pending).tolist())[-200:]
+            pending = []
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+        if acc.is_main_process and saving:
             save_checkpoint(out, acc.unwrap_model(model), ema, opt, step, args, losses)
             rate = (step - start_step) / (time.time() - start)
             with log.open("a") as f:

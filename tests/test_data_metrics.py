@@ -12,7 +12,7 @@ import torch
 
 from fastsample import zoo
 from fastsample.data import load_fashion_mnist, read_idx
-from fastsample.metrics import (CleanFIDExtractor, FeatureNet, class_accuracy, extract, fid, fid_between, fid_folders,
+from fastsample.metrics import (CleanFIDExtractor, FeatureNet, class_accuracy, extract, fid, fid_between, fid_folders, frechet,
                                 feature_extractor, features, reference_statistics, save_pngs, trajectory_error)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +88,37 @@ def test_training_resumes_exactly(tiny_dataset, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_restart_from_ema_loads_the_ema_weights_and_no_moments(tmp_path):
+    """--restart-from-ema (a new training phase): the network takes the checkpoint's EMA weights, AdamW starts fresh;
+    a plain resume takes the raw weights and the saved moments."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = zoo.build("fmnist-small")
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), {k: v.detach().clone()
+                                                                       for k, v in model.named_parameters()}
+
+    model, opt, _ = fresh(0)
+    model(torch.randn(2, 1, 32, 32), torch.tensor([10, 500])).sample.square().mean().backward()
+    opt.step()
+    ema = {k: v.detach().clone() + 0.5 for k, v in model.named_parameters()}
+    args = SimpleNamespace(model="fmnist-small", batch_size=4, lr=1e-3, seed=0, ema_decay=0.999, weighting="edm")
+    train.save_checkpoint(tmp_path, model, ema, opt, 7, args, [0.1])
+    for from_ema in (False, True):
+        other, other_opt, other_ema = fresh(1)
+        step, moments = train.load_checkpoint(tmp_path, other, other_ema, other_opt, from_ema=from_ema)
+        source = ema if from_ema else dict(model.named_parameters())
+        assert step == 7 and moments is not from_ema and bool(other_opt.state) is not from_ema
+        assert all(torch.equal(p, source[k]) for k, p in other.named_parameters())
+        assert all(torch.equal(other_ema[k], ema[k]) for k in ema)
+
+
 def blobs(n, seed, shift=0.0):
     """Garment-like test images: a bright blob of random size and place on a dark background."""
     g = torch.Generator().manual_seed(seed)
@@ -108,8 +139,28 @@ def test_fid_self_near_zero_and_shifted_clearly_above():
     assert f_shift > 10 * f_same and f_shift > 1.0, (f_same, f_shift)
 
 
+def test_frechet_distance_closed_forms():
+    """Diagonal covariances: |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2 exactly; full covariances: symmetric in its
+    arguments, 0 on itself, and tr sqrt(S1 S2) equal to the trace of the principal root computed by eigendecomposition."""
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.1, 3, 7), rng.uniform(0.1, 3, 7)
+    mu1, mu2 = rng.normal(size=7), rng.normal(size=7)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet((mu1, np.diag(a)), (mu2, np.diag(b))) == pytest.approx(exact, rel=1e-12)
+    m1, m2 = rng.normal(size=(7, 30)), rng.normal(size=(7, 30))
+    s1, s2 = m1 @ m1.T / 30, m2 @ m2.T / 30
+    assert frechet((mu1, s1), (mu2, s2)) == pytest.approx(frechet((mu2, s2), (mu1, s1)), rel=1e-10)
+    assert abs(frechet((mu1, s1), (mu1, s1))) < 1e-9
+    w, v = np.linalg.eig(s1 @ s2)  # real positive spectrum: S1 S2 is similar to a PSD matrix
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(w.real).sum()
+    assert frechet((mu1, s1), (mu2, s2)) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="stats1 and stats2 must have the same shapes"):
+        frechet((mu1, s1), (mu2[:3], s2[:3, :3]))
+
+
 def test_fid_of_png_folders_equals_the_tensor_path(tmp_path):
-    """clean-fid reading 8-bit PNGs with its own loader gives the FID of the tensor path (which quantises the same)."""
+    """clean-fid reading 8-bit PNGs with its own loader and resizer gives the FID of the tensor path (which quantises
+    the same)."""
     a, b = blobs(300, 3), blobs(300, 4, shift=0.3)
     by_folder = fid_folders(save_pngs(a, tmp_path / "a"), save_pngs(b, tmp_path / "b"))
     assert by_folder == pytest.approx(fid_between(a, b), rel=1e-6, abs=1e-8)

@@ -184,7 +184,10 @@ def test_learned_scales_round_trip_and_apply(problem, tmp_path):
     with torch.no_grad():
         y = prog.run(gm, train, _GridValues.apply(torch.tensor(sch._grid.lam[1:-1], dtype=F64), prog.values, 1e-6),
                      torch.tensor(s.scales, dtype=F64))
-    assert calls == 4 and torch.allclose(x, y, atol=1e-10)
+    # the fitted levels are fractional: the scheduler sends them to the model as float32 (the precision of a UNet's
+    # time embedding), the program in float64, and this testbed's score depends on t smoothly
+    assert calls == 4 and torch.allclose(x, y, atol=1e-5)
+    assert not torch.allclose(x, sample(gm, train, UniPCScheduler(solver_order=2), 4, progress=False)[0], atol=1e-3)
     with pytest.raises(ValueError, match="learned_scales must be 4"):
         UniPCScheduler(learned_timesteps=s.timesteps, learned_scales=[1.0, 1.0]).set_timesteps(4)
 
@@ -206,3 +209,19 @@ def test_decoupled_model_time(problem, tmp_path):
     assert float((x - ref).norm() / ref.norm()) == pytest.approx(s.validation_error, rel=1e-6)
     with pytest.raises(ValueError, match="one per level"):
         UniPCScheduler().set_timesteps(sigmas=s.sigmas[:-1], timesteps=s.timesteps[:3])
+
+
+def test_validation_against_a_shared_fine_grid_teacher(problem):
+    """scripts/learn_schedule.py scores every NFE's schedule against one teacher on the fine grid: its end points agree
+    with the per-schedule teacher's, so the error is the same to well under a percent."""
+    from fastsample.solvers.learned_schedule import validation_error
+
+    gm, train, test = problem
+    fine = UniPCScheduler(solver_order=3)
+    fine.set_timesteps(60)
+    reference = reference_states(gm, test, fine, 4)[-1]
+    for n in (4, 6):
+        s = learn_schedule(gm, UniPCScheduler(solver_order=3), train, n)
+        own = validation_error(gm, UniPCScheduler(solver_order=3), s, test)
+        shared = validation_error(gm, UniPCScheduler(solver_order=3), s, test, reference=reference)
+        assert shared == pytest.approx(own, rel=5e-3), (n, own, shared)
