@@ -290,10 +290,10 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = grid.num_steps
         scales = cfg.get("learned_scales")
         if scales is not None:  # per-step scales of the model's prediction, learned with the schedule
-            if len(scales) != grid.num_steps or not all(math.isfinite(v) and v > 0 for v in scales):
-                raise ValueError(f"learned_scales must be {grid.num_steps} positive finite numbers (one per step), "
-                                 f"got {list(scales)}")
-            self._scales = [float(v) for v in scales]
+            if len(scales) != grid.num_steps + skip or not all(math.isfinite(v) and v > 0 for v in scales):
+                raise ValueError(f"learned_scales must be {grid.num_steps + skip} positive finite numbers (one per step "
+                                 f"of the schedule, teleported steps included), got {list(scales)}")
+            self._scales = [float(v) for v in scales][skip:]
         else:
             self._scales = None
         self._grid = grid

@@ -68,7 +68,7 @@ def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None
 
     choices = (f"one of {tuple(SCHEDULERS)}, or <base>:dc (base in {tuple(DC_BASES)}), <base>:learned[-<fit>] "
                f"(base in {tuple(LEARNED_STEMS)}), <base>:<spacing> (spacing in {SPACINGS}) or <base>:teleport<F> "
-               f"(base in {OURS}, 0 < F < 1)")
+               f"(base in {OURS}, 0 < F < 1, or F = -auto)")
     base, _, variant = str(name).partition(":")
     if base not in SCHEDULERS or (variant and not variant.startswith(("dc", "learned", "teleport"))
                                   and variant not in SPACINGS):
@@ -84,6 +84,10 @@ def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None
         if base not in (DC_BASES if variant == "dc" else LEARNED_STEMS) or (suffix and not suffix.startswith("-")):
             raise ValueError(f"scheduler must be {choices}, got {name!r}")
         return (base, "dc", None) if variant == "dc" else (base, "learned", suffix)
+    if variant == "teleport-auto":
+        if base not in OURS:
+            raise ValueError(f"scheduler must be {choices}, got {name!r}")
+        return base, "teleport", "auto"
     try:
         fraction = float(variant[len("teleport"):])
     except ValueError:
@@ -93,12 +97,16 @@ def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None
     return base, "teleport", fraction
 
 
+TELEPORT_PROBES = 16  # ":teleport-auto": the fitting noises (generator 0) on which the fraction is chosen
+
+
 def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = None, weights=None,
-                         artefacts=ARTEFACTS, teleport_stats=None):
+                         artefacts=ARTEFACTS, teleport_stats=None, model_fn=None):
     """The scheduler a sweep name stands for, on the zoo's training config.  ":dc" and ":learned" need the zoo
     ``model``'s name and the ``nfe`` they were fitted at; ":learned" checks the schedule's weights hash against
     ``weights`` (the model's module) when given.  ":teleport<F>" uses ``teleport_stats`` (a GaussianStats file),
-    by default the shipped Fashion-MNIST statistics for a zoo model."""
+    by default the shipped Fashion-MNIST statistics for a zoo model; ":teleport-auto" chooses F for this NFE with
+    ``solvers.teleport.choose_teleport_fraction`` on ``TELEPORT_PROBES`` fitting noises through ``model_fn``."""
     base, variant, argument = parse_scheduler_name(name)
     import diffusers
 
@@ -112,13 +120,23 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
         return cls(**SCHEDULER_CONFIG, **cfg)
     if variant == "spacing":
         return cls(**SCHEDULER_CONFIG, **cfg, spacing=argument)
-    if variant == "teleport" and teleport_stats is not None:
-        return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=str(teleport_stats), teleport_fraction=argument)
+    if variant == "teleport":
+        if teleport_stats is None and (model is None or model == TESTBED):
+            raise ValueError(f"scheduler {name!r} needs teleport statistics or a zoo model, got model {model!r}")
+        stats = str(teleport_stats if teleport_stats is not None else MODELS_DIR / "fmnist-gaussian.safetensors")
+        if argument != "auto":
+            return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=stats, teleport_fraction=argument)
+        if model_fn is None or nfe is None:
+            raise ValueError(f"scheduler {name!r} chooses its fraction with the model: pass model_fn and nfe")
+        from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
+
+        gauss = GaussianStats.load(stats)
+        probes = torch.randn(TELEPORT_PROBES, *gauss.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            fraction, _ = choose_teleport_fraction(model_fn, cls(**SCHEDULER_CONFIG, **cfg), gauss, nfe, probes)
+        return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=stats, teleport_fraction=fraction)
     if model is None or model == TESTBED:
         raise ValueError(f"scheduler {name!r} needs a zoo model's fitted artefacts, got model {model!r}")
-    if variant == "teleport":
-        stats = MODELS_DIR / "fmnist-gaussian.safetensors"
-        return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=str(stats), teleport_fraction=argument)
     artefacts = Path(artefacts)
     if variant == "dc":
         folder = artefacts / "dc" / model / f"nfe{nfe}-cfg1"
@@ -143,7 +161,12 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
     if weights is not None and schedule.model_hash != model_hash(weights):
         raise ValueError(f"{path} was learned for other weights (hash {schedule.model_hash!r}, the model's is "
                          f"{model_hash(weights)!r}): refit it")
-    return schedule.scheduler(cls(**SCHEDULER_CONFIG, **cfg))
+    teleport = {}
+    if schedule.extra.get("teleport_fraction"):  # fitted after a teleportation: the base teleports the same share
+        teleport = {"teleport_stats": str(teleport_stats if teleport_stats is not None
+                                          else MODELS_DIR / "fmnist-gaussian.safetensors"),
+                    "teleport_fraction": schedule.extra["teleport_fraction"]}
+    return schedule.scheduler(cls(**SCHEDULER_CONFIG, **cfg, **teleport))
 
 
 def noise_for(indices, shape, seed: int) -> torch.Tensor:
@@ -159,7 +182,8 @@ def noise_for(indices, shape, seed: int) -> torch.Tensor:
 #                                                                on the zoo's training config updated by kwargs
 #   {"folder": "schedules/fmnist-large/unipc3-nfe{nfe}"}        a save_pretrained folder ("{nfe}": the cell's NFE)
 # plus, on a zoo model, "tstitch": {"small": "fmnist-small", "fraction": 0.4} (the first 40% of the steps on the
-# small model) and an optional display "label".  On the command line a row is the name, the folder path, or
+# small model) and an optional display "label".  In a sweep or a plan, a dict row may also carry "nfe": [...], its
+# own NFE list in place of the sweep's (not part of the spec).  On the command line a row is the name, the folder path, or
 # "diffusers.UniPCMultistepScheduler{\"solver_order\": 2}" (the class, then its keyword arguments as JSON).
 SPEC_KINDS = ("name", "class", "folder")
 SCHEDULER_MODULES = ("fastsample.solvers", "diffusers")
@@ -219,9 +243,9 @@ def normalize_spec(spec) -> dict:
         from . import zoo
 
         if (not isinstance(ts, dict) or set(ts) != {"small", "fraction"} or ts["small"] not in zoo.MODEL_CONFIGS
-                or not isinstance(ts["fraction"], (int, float)) or not 0 < ts["fraction"] < 1):
-            raise ValueError(f"tstitch must be {{'small': <zoo model>, 'fraction': F}} with 0 < F < 1 (the share of "
-                             f"the steps, noisiest first, on the small model), got {ts!r}")
+                or not isinstance(ts["fraction"], (int, float)) or not 0 < ts["fraction"] <= 1):
+            raise ValueError(f"tstitch must be {{'small': <zoo model>, 'fraction': F}} with 0 < F <= 1 (the share of "
+                             f"the steps, noisiest first, on the small model; 1: the small model alone), got {ts!r}")
         out["tstitch"] = {"small": ts["small"], "fraction": float(ts["fraction"])}
     if "label" in spec:
         out["label"] = str(spec["label"])
@@ -260,7 +284,8 @@ def build_scheduler(spec: dict, task: "Task", nfe: int):
 
     if "name" in spec:
         name = FLOOR_SCHEDULER if spec["name"] == FLOOR else spec["name"]
-        return make_named_scheduler(name, task.name, nfe, task.unet, teleport_stats=task.teleport_stats)
+        return make_named_scheduler(name, task.name, nfe, task.unet, teleport_stats=task.teleport_stats,
+                                    model_fn=task.model)
     if "class" in spec:
         return _scheduler_class(spec["class"])(**{**SCHEDULER_CONFIG, **spec["kwargs"]})
     folder = resolve_folder(spec["folder"], nfe)
@@ -362,8 +387,12 @@ class Task:
         small = spec["tstitch"]["small"]
         if small not in self._small:
             self._small[small] = zoo.load(small, device=self.device)
-        stitched = StitchedModel([self._small[small], self.unet], [spec["tstitch"]["fraction"]])
-        return (lambda x, t: stitched(x, t).sample), _digest([self.weights, model_hash(self._small[small])])
+        fraction = spec["tstitch"]["fraction"]
+        stitched = self._small[small] if fraction == 1 else StitchedModel([self._small[small], self.unet], [fraction])
+        fn = lambda x, t: stitched(x, t).sample  # noqa: E731
+        fn.small_steps = (lambda timesteps: len(timesteps)) if fraction == 1 else \
+            (lambda timesteps: sum(stitched.route(t) == 0 for t in timesteps))
+        return fn, _digest([self.weights, model_hash(self._small[small])])
 
     def identity(self, metric: str) -> dict:
         """What the metric's value depends on besides the row: the converged solve's step count for "rmse"."""
@@ -462,6 +491,8 @@ def run_cell(task: Task, spec, nfe: int, num: int, seed: int = 0, batch_size: in
     family = "diffusers" if type(scheduler).__module__.startswith("diffusers") else "fastsample"
     record = {**ident, "scheduler": spec_label(ident["spec"]), "family": family, "model_calls": calls,
               "seconds": round(time.time() - start, 1)}
+    if hasattr(model, "small_steps"):  # T-Stitch: how many of the calls the small model served
+        record["small_calls"] = int(model.small_steps(scheduler.timesteps))
     if acc.is_main_process:
         samples = local[:, 1:].reshape(-1, *task.shape).float()
         value, se = task.score(ident["metric"], samples, noise_for(range(num), task.shape, seed), scheduler, seed, log)
@@ -476,8 +507,10 @@ def run_sweep(model: str, schedulers, nfes, num: int, out, seed: int = 0, batch_
     records of this sweep's cells, in order.  ``out`` is locked while the sweep runs."""
     from .results import ResultsFile, read_records
 
-    rows = [normalize_spec(s) for s in schedulers]
-    for n in list(nfes) + ([floor_nfe] if floor_nfe is not None else []):
+    # a dict row may carry its own "nfe" list (e.g. a teleported row, whose N steps make fewer model calls)
+    rows = [(normalize_spec({k: v for k, v in s.items() if k != "nfe"}), s["nfe"]) if isinstance(s, dict) and "nfe" in s
+            else (normalize_spec(s), nfes) for s in schedulers]
+    for n in [n for _, ns in rows for n in ns] + ([floor_nfe] if floor_nfe is not None else []):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"NFE values must be integers >= 1 (every solver here takes any NFE from 1), got {n!r}")
     if not isinstance(num, int) or num < 1:
@@ -485,7 +518,7 @@ def run_sweep(model: str, schedulers, nfes, num: int, out, seed: int = 0, batch_
     acc = acc or _OneProcess()
     task = task or Task(model, device, reference_steps)
     metric = task.check_metric(metric)
-    cells = [(s, n) for s in rows for n in nfes] + ([({"name": FLOOR}, floor_nfe)] if floor_nfe is not None else [])
+    cells = [(s, n) for s, ns in rows for n in ns] + ([({"name": FLOOR}, floor_nfe)] if floor_nfe is not None else [])
     keys = [cell(task, s, n, num, seed, metric)[2]["key"] for s, n in cells]
     if not acc.is_main_process:  # the main process writes; the others sample their shards of the same cells
         done = {r.get("key") for r in read_records(out)}
@@ -606,7 +639,7 @@ def load_plan(plan) -> list[dict]:
             raise ValueError(f"{where}: block names must be unique")
         names.add(b["name"])
         for s in b["rows"]:
-            normalize_spec(s)
+            normalize_spec({k: v for k, v in s.items() if k != "nfe"} if isinstance(s, dict) else s)
     return blocks
 
 
@@ -619,15 +652,22 @@ def run_plan(plan, only=None, device="cpu", log=print) -> dict:
         if unknown:
             raise ValueError(f"no blocks named {sorted(unknown)}; the plan has {[b['name'] for b in blocks]}")
         blocks = [b for b in blocks if b["name"] in only]
-    tasks, results = {}, {}
+    tasks, results, missing = {}, {}, []
     for b in blocks:
         steps = b.get("reference_steps", 200)
         if (b["model"], steps) not in tasks:
             tasks[b["model"], steps] = Task(b["model"], device, steps)
         log(f"== block {b['name']}: {b['model']}, {b['metric']}, {len(b['rows'])} rows x NFE {b['nfe']}")
-        records = run_sweep(b["model"], b["rows"], b["nfe"], b["num"], b["out"], seed=b.get("seed", 0),
-                            batch_size=b.get("batch_size", 250), floor_nfe=b.get("floor"), device=device, log=log,
-                            metric=b["metric"], task=tasks[b["model"], steps])
+        try:
+            records = run_sweep(b["model"], b["rows"], b["nfe"], b["num"], b["out"], seed=b.get("seed", 0),
+                                batch_size=b.get("batch_size", 250), floor_nfe=b.get("floor"), device=device,
+                                log=log, metric=b["metric"], task=tasks[b["model"], steps])
+        except FileNotFoundError as e:  # a fit the block needs is not there yet: run the other blocks, then say so
+            log(f"== block {b['name']} not run: {e}")
+            missing.append(f"{b['name']}: {e}")
+            continue
         render(records, b.get("plot"), b.get("table"), b.get("title"))
         results[b["name"]] = records
+    if missing:
+        raise FileNotFoundError("blocks not run for want of a fit (the others finished):\n" + "\n".join(missing))
     return results

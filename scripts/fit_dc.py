@@ -3,8 +3,9 @@
     python scripts/fit_dc.py --model fmnist-large --nfe 5 6 8 10 --out dc/fmnist-large
     python scripts/fit_dc.py --model fmnist-cond --nfe 5 8 10 --guidance-scale 1 3 5 --out dc/fmnist-cond
 
-Writes <out>/ratios.jsonl (one fitted ratio list per line: nfe, guidance_scale, ratios, seconds; a rerun skips what is
-there), <out>/cpr.json and, per fit, a scheduler folder <out>/nfe<N>-cfg<W> (save_pretrained) that
+Writes <out>/ratios.jsonl (one fitted ratio list per line: nfe, guidance_scale, ratios, seconds, and the fit's inputs:
+model, weights hash, base solver, corrector, latents, iterations, seed; a rerun skips a fit only when all of them
+match; the file is locked and written atomically), <out>/cpr.json (over the fits of this configuration) and, per fit, a scheduler folder <out>/nfe<N>-cfg<W> (save_pretrained) that
 ``DCSolverScheduler.from_pretrained`` loads.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 
 from fastsample import zoo
 from fastsample.guidance.cfg import ClassifierFreeGuidance
+from fastsample.results import ResultsFile
 from fastsample.solvers import CPR, DCSolverScheduler, fit_dc_ratios
+from fastsample.solvers.learned_schedule import model_hash
 
 
 def main(argv=None):
@@ -27,6 +30,8 @@ def main(argv=None):
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     p.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0], help="conditional model only")
     p.add_argument("--base-solver", default="unipc", choices=("unipc", "dpmsolver++"))
+    p.add_argument("--solver-type", default="bh1", choices=("bh1", "bh2"),
+                   help="UniPC base: the corrector's B(h) (bh1 as in the DC-Solver paper; bh2 is diffusers' default)")
     p.add_argument("--num", type=int, default=10, help="fitting latents")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -39,27 +44,33 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"dc/{args.model}")
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "ratios.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     unet = zoo.load(args.model)
     classes = zoo.MODEL_CONFIGS[args.model][1]
     noise = torch.randn(args.num, 1, 32, 32, generator=torch.Generator().manual_seed(args.seed))
     config = dict(zoo.SCHEDULER_CONFIG, base_solver=args.base_solver)
-    for w in args.guidance_scale if classes else [1.0]:
-        model = (ClassifierFreeGuidance(unet, torch.arange(args.num) % classes, w, zoo.NULL_LABEL) if classes
-                 else (lambda x, t: unet(x, t).sample))
-        for nfe in args.nfe:
-            if any(d["nfe"] == nfe and d["guidance_scale"] == w for d in done):
-                continue
-            start = time.time()
-            ratios = fit_dc_ratios(model, DCSolverScheduler(**config), noise, nfe, iterations=args.iterations)
-            record = {"nfe": nfe, "guidance_scale": w, "ratios": ratios, "seconds": round(time.time() - start, 1)}
-            with log.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            done.append(record)
-            DCSolverScheduler(**config, dc_ratios=ratios).save_pretrained(out / f"nfe{nfe}-cfg{w:g}")
-            print(json.dumps(record), flush=True)
-    CPR.fit(done, args.base_solver).save(out / "cpr.json")
+    if args.base_solver == "unipc":
+        config["solver_type"] = args.solver_type
+    # what decides a fit besides its NFE and guidance scale: a rerun skips a fit only when all of it matches
+    inputs = {"model": args.model, "weights": model_hash(unet), "base_solver": args.base_solver,
+              "solver_type": config.get("solver_type"), "num": args.num, "iterations": args.iterations,
+              "seed": args.seed}
+    with ResultsFile(out / "ratios.jsonl", log=print) as log:
+        done = [r for r in log.records if all(r.get(k) == v for k, v in inputs.items())]
+        for w in args.guidance_scale if classes else [1.0]:
+            model = (ClassifierFreeGuidance(unet, torch.arange(args.num) % classes, w, zoo.NULL_LABEL) if classes
+                     else (lambda x, t: unet(x, t).sample))
+            for nfe in args.nfe:
+                if any(d["nfe"] == nfe and d["guidance_scale"] == w for d in done):
+                    continue
+                start = time.time()
+                ratios = fit_dc_ratios(model, DCSolverScheduler(**config), noise, nfe, iterations=args.iterations)
+                record = {"nfe": nfe, "guidance_scale": w, "ratios": ratios, "seconds": round(time.time() - start, 1),
+                          **inputs}
+                log.append(record)
+                done.append(record)
+                DCSolverScheduler(**config, dc_ratios=ratios).save_pretrained(out / f"nfe{nfe}-cfg{w:g}")
+                print(json.dumps(record), flush=True)
+    CPR.fit(done, args.base_solver).save(out / "cpr.json")  # over this configuration's fits only
     print(f"CPR over {len(done)} fits -> {out / 'cpr.json'}")
 
 

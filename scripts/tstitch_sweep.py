@@ -1,12 +1,14 @@
-"""T-Stitch sweep: FID and wall-clock time per image against the switch fraction, small model first.
+"""T-Stitch sweep: trajectory error, FID and wall-clock time per image against the switch fraction, small model first.
 
-    python scripts/tstitch_sweep.py --small fmnist-small --large fmnist-large --nfe 10 20 --num 2000 \\
-        --out results/tstitch.jsonl --plot results/tstitch.png --table results/tstitch.md
+    python scripts/tstitch_sweep.py --small fmnist-small --large fmnist-large --nfe 10 20 \
+        --out results/fmnist-large/tstitch.jsonl --plot results/fmnist-large/tstitch.png \
+        --table results/fmnist-large/tstitch.md
 
-Fraction 0 is the large model alone, 1 the small one alone.  Every cell samples the same noise (fastsample.sweep's
-per-sample seeds) with UniPC-3.  The times come from a separate pass in the same run, after an NFE's FID cells: one
-batch per fraction, the fractions interleaved, the fastest of a few repeats kept.  A rerun skips finished cells and
-finished timings.
+Fraction 0 is the large model alone, 1 the small one alone.  The quality cells are rows of the one evaluation engine
+(fastsample.sweep: UniPC-3 with a "tstitch" pair, keyed by both models' weights): trajectory error on ``--num-rmse``
+held-out noises (RMSE against the large model's converged solve from the same noise) and FID on ``--num``.  The
+times come from a separate pass in the same run, after an NFE's quality cells: one batch per fraction, the fractions
+interleaved, the fastest of a few repeats kept.  A rerun skips finished cells and finished timings.
 """
 from __future__ import annotations
 
@@ -19,31 +21,42 @@ import torch
 
 from fastsample import sample, zoo
 from fastsample.guidance.tstitch import StitchedModel
-from fastsample.metrics import fid
-from fastsample.sweep import make_named_scheduler, noise_for, read_records
+from fastsample.results import ResultsFile
+from fastsample.solvers.learned_schedule import model_hash
+from fastsample.sweep import Task, make_named_scheduler, noise_for, run_sweep
 
 UNCONDITIONAL = tuple(n for n, c in zoo.MODEL_CONFIGS.items() if not c[1])
 
 
+def row(small: str, f: float) -> dict:
+    return {"name": "unipc3", "label": f"fraction {f:g}"} if f == 0 else \
+        {"name": "unipc3", "tstitch": {"small": small, "fraction": f}, "label": f"fraction {f:g}"}
+
+
 def render(records, plot=None, table=None) -> str:
-    """Per NFE: FID, ms per image (from the timing pass), the speed-up over the large model alone (fraction 0, timed
-    in the same pass) and the FID change against it."""
-    nfes = sorted({r["nfe"] for r in records})
-    fracs = sorted({r["fraction"] for r in records})
-    fids = {(r["nfe"], r["fraction"]): r["fid"] for r in records if "fid" in r}
-    ms = {(r["nfe"], r["fraction"]): r["ms_per_image"] for r in records if "fid" not in r and "ms_per_image" in r}
-    lines = ["| fraction | " + " | ".join(f"FID @ {n} | ms/image @ {n} | speed-up @ {n} | FID change @ {n}"
-                                         for n in nfes) + " |", "|---" * (1 + 4 * len(nfes)) + "|"]
-    for f in fracs:
-        vals = []
-        for n in nfes:
-            a, t, a0, t0 = fids.get((n, f)), ms.get((n, f)), fids.get((n, 0.0)), ms.get((n, 0.0))
-            vals += [f"{a:.3f}" if a is not None else "", f"{t:.2f}" if t is not None else "",
-                     f"{t0 / t:.2f}x" if t is not None and t0 is not None else "",
-                     f"{100 * (a / a0 - 1):+.1f}%" if a is not None and a0 is not None else ""]
-        lines.append(f"| {f:g} | " + " | ".join(vals) + " |")
+    """Per NFE: trajectory error and FID (with standard errors), ms per image (from the timing pass), the speed-up
+    over the large model alone (fraction 0, timed in the same pass) and the changes against it."""
+    timing = [r for r in records if r.get("kind") == "timing"]
+    cells = [r for r in records if r.get("kind") != "timing"]
+    nfes = sorted({r["nfe"] for r in timing + cells})
+    fracs = sorted({r["fraction"] for r in timing} | {float(r["scheduler"].split()[-1]) for r in cells})
+    val = {(r["metric"], r["nfe"], float(r["scheduler"].split()[-1])): (r[r["metric"]], r.get("se")) for r in cells}
+    ms = {(r["nfe"], r["fraction"]): r["ms_per_image"] for r in timing}
+    lines = ["| NFE | fraction | trajectory error | change | FID | change | ms/image | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in nfes:
+        for f in fracs:
+            cols = []
+            for metric in ("rmse", "fid"):
+                v, v0 = val.get((metric, n, f)), val.get((metric, n, 0.0))
+                cols += [f"{v[0]:.4g} ± {v[1]:.2g}" if v else "",
+                         f"{100 * (v[0] / v0[0] - 1):+.1f}%" if v and v0 else ""]
+            t, t0 = ms.get((n, f)), ms.get((n, 0.0))
+            cols += [f"{t:.2f}" if t else "", f"{t0 / t:.2f}x" if t and t0 else ""]
+            lines.append(f"| {n} | {f:g} | " + " | ".join(cols) + " |")
     text = "\n".join(lines) + "\n"
     if table:
+        Path(table).parent.mkdir(parents=True, exist_ok=True)
         Path(table).write_text(text)
     if plot:
         import matplotlib
@@ -51,17 +64,19 @@ def render(records, plot=None, table=None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for n in nfes:
-            fs = [f for f in fracs if (n, f) in fids and (n, f) in ms]
-            ax.plot([ms[n, f] for f in fs], [fids[n, f] for f in fs], marker="o", label=f"{n} NFE")
-            for f in fs:
-                ax.annotate(f"{f:g}", (ms[n, f], fids[n, f]), fontsize=6)
-        ax.set_xlabel("ms per image")
-        ax.set_ylabel("FID")
-        ax.set_title("T-Stitch: small model for the first fraction of the steps")
-        ax.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric, name in zip(axes, ("rmse", "fid"), ("trajectory error (RMSE)", "FID")):
+            for n in nfes:
+                fs = [f for f in fracs if (metric, n, f) in val and (n, f) in ms]
+                ax.plot([ms[n, f] for f in fs], [val[metric, n, f][0] for f in fs], marker="o", label=f"{n} NFE")
+                for f in fs:
+                    ax.annotate(f"{f:g}", (ms[n, f], val[metric, n, f][0]), fontsize=6)
+            ax.set_xlabel("ms per image")
+            ax.set_ylabel(name)
+            ax.legend()
+        fig.suptitle("T-Stitch: the small model for the first fraction of the steps")
         fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
         plt.close(fig)
     return text
@@ -99,49 +114,46 @@ def main(argv=None):
     p.add_argument("--large", default="fmnist-large", choices=UNCONDITIONAL)
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
     p.add_argument("--fractions", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
-    p.add_argument("--num", type=int, default=2000)
+    p.add_argument("--metrics", nargs="+", default=["rmse", "fid"], choices=("rmse", "fid"))
+    p.add_argument("--num", type=int, default=2000, help="samples a FID cell")
+    p.add_argument("--num-rmse", type=int, default=500, help="held-out noises a trajectory-error cell")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--time-batch", type=int, default=100, help="images in the timed batch")
     p.add_argument("--time-repeats", type=int, default=3, help="timed repeats per fraction (the fastest is kept)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/tstitch.jsonl")
+    p.add_argument("--seed", type=int, default=1, help="held-out noise (the fits use generator 0)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="results/fmnist-large/tstitch.jsonl")
     p.add_argument("--plot", default=None)
     p.add_argument("--table", default=None)
     args = p.parse_args(argv)
     if any(not 0 <= f <= 1 for f in args.fractions):
         p.error(f"--fractions must lie in [0, 1], got {args.fractions}")
-    small, large = zoo.load(args.small), zoo.load(args.large)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = Task(args.large)
+    small, large = zoo.load(args.small), task.unet
+    pair = {"small": args.small, "large": args.large, "weights": [model_hash(small), task.weights]}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def append(record):
-        with out.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
-
-    records = read_records(out)
-    done = {(r["nfe"], r["fraction"], r["num"]) for r in records if "fid" in r}
-    timed = {(r["nfe"], r["fraction"]) for r in records if "ms_per_image" in r and "fid" not in r}
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    records = []
     for nfe in args.nfe:
-        for f in args.fractions:
-            if (nfe, f, args.num) in done:
-                continue
-            model = stitched(small, large, f)
-            fn = lambda x, t: model(x, t).sample  # noqa: E731
-            samples = [run(fn, noise_for(range(b, min(b + args.batch_size, args.num)), (1, 32, 32), args.seed), nfe)
-                       for b in range(0, args.num, args.batch_size)]
-            batches = -(-args.num // args.batch_size)
-            small_calls = model.calls[0] // batches if isinstance(model, StitchedModel) else (nfe if f == 1 else 0)
-            append({"small": args.small, "large": args.large, "nfe": nfe, "fraction": f, "num": args.num,
-                    "fid": fid(torch.cat(samples)), "small_calls": small_calls})
-        todo = [f for f in args.fractions if (nfe, f) not in timed]
-        if todo:
-            times = time_fractions(small, large, nfe, todo, args.time_batch, args.time_repeats, args.seed)
-            for f in todo:
-                append({"small": args.small, "large": args.large, "nfe": nfe, "fraction": f,
-                        "ms_per_image": round(times[f], 3), "batch": args.time_batch, "repeats": args.time_repeats,
-                        "threads": torch.get_num_threads()})
-    print(render(read_records(out), args.plot, args.table))
+        for metric in args.metrics:
+            records += run_sweep(args.large, [row(args.small, f) for f in args.fractions], [nfe],
+                      args.num_rmse if metric == "rmse" else args.num, out, args.seed, args.batch_size, log=log,
+                      metric=metric, task=task)
+        with ResultsFile(out, log=log) as f:
+            same = {"kind": "timing", **pair, "nfe": nfe, "batch": args.time_batch, "repeats": args.time_repeats,
+                    "threads": torch.get_num_threads()}
+            timed = {r["fraction"] for r in f.records if all(r.get(k) == v for k, v in same.items())}
+            todo = [fr for fr in args.fractions if fr not in timed]
+            if todo:
+                times = time_fractions(small, large, nfe, todo, args.time_batch, args.time_repeats, args.seed)
+                for fr in todo:
+                    f.append({**same, "fraction": fr, "ms_per_image": round(times[fr], 3)})
+                    log(json.dumps(f.records[-1]))
+            records += [r for r in f.records if all(r.get(k) == v for k, v in same.items())
+                        and r["fraction"] in args.fractions]
+    print(render(records, args.plot, args.table))
 
 
 if __name__ == "__main__":

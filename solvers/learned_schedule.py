@@ -118,7 +118,10 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     ``prediction_type``) against a teacher from ``noise``; see the module docstring.  ``gradient_options`` (method
     "gradient"): ``iterations`` (200), ``lr`` (0.05), ``batch_size`` (10), ``ball`` (0.0), ``seed`` (0), ``scales``
     (False: True also fits one scale per step on the solver's prediction, carried as ``learned_scales``),
-    ``decouple_time`` (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
+    ``eval_every`` (10: the fit keeps the best iterate on the whole fitting set, checked this often), ``target`` (the
+    teacher's end points from ``noise``, when computed once for several fits; default: UniPC-3 with ``per_step``
+    steps through each interval of the ``fine_steps`` grid), ``decouple_time``
+    (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
     a scheduler then carries the levels too, as ``learned_sigmas``)."""
     gradient_options = dict(gradient_options or {})
     from fastsample import parameterization as P
@@ -292,20 +295,33 @@ class _Program:
 
 def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs,
                     iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
-                    seed: int = 0, scales: bool = False, decouple_time: bool = False) -> LearnedSchedule:
+                    seed: int = 0, scales: bool = False, decouple_time: bool = False,
+                    eval_every: int = 10, target: torch.Tensor | None = None) -> LearnedSchedule:
     import math
 
     from fastsample.sampling import reference_states
 
     if not (isinstance(iterations, int) and iterations >= 1):
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not (isinstance(eval_every, int) and eval_every >= 1):
+        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
     if not (ball >= 0 and math.isfinite(ball)):
         raise ValueError(f"ball must be a finite number >= 0, got {ball!r}")
-    scheduler.set_timesteps(fine_steps)
-    with torch.no_grad():
-        target = reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
     scheduler.set_timesteps(n)
-    grid = scheduler._grid
+    teleported = getattr(scheduler, "teleport_origin", None) is not None
+    if target is None:
+        if teleported:
+            raise ValueError("a teleporting scheduler needs target= (the converged end points of the full solve from "
+                             "noise): the default teacher would start where the teleportation lands")
+        scheduler.set_timesteps(fine_steps)
+        with torch.no_grad():
+            target = reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
+    elif not (torch.is_tensor(target) and target.shape == noise.shape and bool(torch.isfinite(target).all())):
+        raise ValueError(f"target must be the teacher's finite end points from noise, of shape {tuple(noise.shape)}, "
+                         f"got {tuple(target.shape) if torch.is_tensor(target) else type(target).__name__}")
+    scheduler.set_timesteps(n)
+    grid = scheduler._grid  # with teleportation: the m = n - k steps left after the closed-form jump
+    m = grid.num_steps
     lam = list(grid.lam)
     if math.isfinite(lam[-1]):  # the last level is a fixed, finite end point: the inner levels stay below it
         cap = lam[-1]
@@ -315,20 +331,31 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
     program = _Program(scheduler, grid)
     gaps = torch.tensor([b - a for a, b in zip(lam[:-1], lam[1:-1] + [cap])], dtype=torch.float64).clamp_min(1e-3)
     theta = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
-    x_T = noise * scheduler.init_noise_sigma
+    x_T = scheduler.prepare_latents(noise, n) if teleported else noise * scheduler.init_noise_sigma
     delta = torch.zeros_like(x_T, requires_grad=True)
-    log_scales = torch.zeros(n, dtype=torch.float64, requires_grad=scales)
+    log_scales = torch.zeros(m, dtype=torch.float64, requires_grad=scales)
     # decoupled model time: offsets of TIME_UNIT model-time units per unit of the parameter (so lr suits both)
-    offsets = torch.zeros(n, dtype=torch.float64, requires_grad=decouple_time)
+    offsets = torch.zeros(m, dtype=torch.float64, requires_grad=decouple_time)
     params = [theta] + ([delta] if ball > 0 else []) + ([log_scales] if scales else []) + ([offsets] if decouple_time else [])
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
 
-    def inner(th):
-        frac = torch.cumsum(torch.softmax(th, 0), 0)[:-1]
+    def inner(th):  # no step shorter than 1e-6 of the span, so a wild iterate cannot make a zero-length step
+        w = torch.softmax(th, 0).clamp_min(1e-6)
+        frac = torch.cumsum(w / w.sum(), 0)[:-1]
         return lam[0] + (cap - lam[0]) * frac
 
-    losses = []
+    def full_loss():  # on every fitting latent, without the ball's perturbation
+        with torch.no_grad():
+            x = program.run(model, x_T, _GridValues.apply(inner(theta), program.values, 1e-6),
+                            log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
+                            **model_kwargs)
+            return float((x - target).double().square().mean())
+
+    # the fit returns the best iterate on the whole fitting set, checked every ``eval_every`` iterations (the first
+    # check is the starting grid), so a noisy mini-batch step can never leave it worse than where it started
+    losses, best = [], (full_loss(), theta.detach().clone(), log_scales.detach().clone(), offsets.detach().clone(), 0)
+    initial_loss = best[0]
     for it in range(iterations):
         idx = torch.randperm(len(noise), generator=g)[:batch_size]
         vals = _GridValues.apply(inner(theta), program.values, 1e-6)
@@ -346,22 +373,38 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
                 norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
                 delta.mul_((limit / norm).clamp(max=1.0).view(-1, *[1] * (delta.ndim - 1)))
         losses.append(loss.item())
+        if (it + 1) % eval_every == 0 or it + 1 == iterations:
+            current = full_loss()
+            if current < best[0]:
+                best = (current, theta.detach().clone(), log_scales.detach().clone(), offsets.detach().clone(), it + 1)
     with torch.no_grad():
+        theta.copy_(best[1])
+        log_scales.copy_(best[2])
+        offsets.copy_(best[3])
         lams = [lam[0]] + inner(theta).tolist()
         levels = [math.exp(-v) for v in lams] + [program.end]
         fitted = program.grid(lams[1:])
-        times = [float(program.model_time(fitted)(i)) + TIME_UNIT * float(offsets[i]) for i in range(n)]
+        times = [float(program.model_time(fitted)(i)) + TIME_UNIT * float(offsets[i]) for i in range(m)]
         x = program.run(model, x_T, _GridValues.apply(inner(theta), program.values, 1e-6),
                         log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
                         **model_kwargs)
         train_loss = float((x - target).double().square().mean())
-    sigmas = _scheduler_units(scheduler, levels)
+    sigmas, fitted_scales = _scheduler_units(scheduler, levels), log_scales.exp().tolist() if scales else None
+    if teleported:  # the schedule covers all n steps: the k teleported levels as they were, then the fitted ones
+        plain = type(scheduler).from_config({**scheduler.config, "teleport_fraction": 0.0, "teleport_sigma": None})
+        plain.set_timesteps(n)
+        k = n - m
+        times, sigmas = [float(v) for v in plain.timesteps[:k]] + times, [float(v) for v in plain.sigmas[:k]] + sigmas
+        fitted_scales = None if fitted_scales is None else [1.0] * k + fitted_scales
     schedule = LearnedSchedule(times, sigmas, type(scheduler).__name__, n, "gradient", train_loss, None,
                                model_hash(model), {"iterations": iterations, "lr": lr, "ball": ball,
                                                    "first_loss": losses[0], "fine_steps": fine_steps,
-                                                   "decoupled_time": decouple_time},
-                               log_scales.exp().tolist() if scales else None)
-    if validation_noise is not None:
+                                                   "best_iteration": best[4], "initial_loss": initial_loss,
+                                                   "decoupled_time": decouple_time, "teleported_steps": n - m,
+                                                   "teleport_fraction": scheduler.config.get("teleport_fraction")
+                                                   if teleported else None},
+                               fitted_scales)
+    if validation_noise is not None and not teleported:
         schedule.validation_error = validation_error(model, scheduler, schedule, validation_noise, **model_kwargs)
     scheduler.set_timesteps(**schedule.grid_kwargs())
     return schedule

@@ -295,11 +295,12 @@ def test_a_finished_plan_computes_nothing(tmp_path):
          "rows": ["unipc3", "diffusers-unipc"], "floor": 40, "out": str(tmp_path / "a.jsonl"),
          "table": str(tmp_path / "a.md")},
         {"name": "b", "model": "testbed", "metric": "trajectory_error", "num": 16, "nfe": [4],
-         "rows": ["dpm++2m"], "out": str(tmp_path / "a.jsonl")}]}
+         "rows": ["dpm++2m", {"name": "ddim", "nfe": [2, 3]}], "out": str(tmp_path / "a.jsonl")}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     said = []
     first = run_plan(tmp_path / "plan.json", log=said.append)
-    assert len(first["a"]) == 5 and len(first["b"]) == 1 and len(read_records(tmp_path / "a.jsonl")) == 6
+    assert len(first["a"]) == 5 and len(read_records(tmp_path / "a.jsonl")) == 8
+    assert [(r["scheduler"], r["nfe"]) for r in first["b"]] == [("dpm++2m", 4), ("ddim", 2), ("ddim", 3)]
     assert "± " in (tmp_path / "a.md").read_text() and "fastsample best / diffusers best" in (tmp_path / "a.md").read_text()
     said.clear()
     second = run_plan(tmp_path / "plan.json", log=said.append)
@@ -349,3 +350,23 @@ def test_zoo_reference_is_cached_per_chunk(tmp_path):
     assert (b - direct).abs().max() < 1e-3  # float32 round-off of a different batching
     rec = run_cell(task, "unipc3", 6, 5, seed=2, metric="rmse")
     assert rec["rmse"] < 1e-4 and rec["reference_steps"] == 6
+
+
+def test_teleport_auto_chooses_the_fraction_per_nfe():
+    """":teleport-auto" takes the fraction that choose_teleport_fraction picks on the fitting probes, and that fraction
+    enters the cell's key through the scheduler's config."""
+    from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
+    from fastsample.sweep import TELEPORT_PROBES, build_scheduler, cell, make_named_scheduler
+
+    task = Task("testbed")
+    sch = build_scheduler({"name": "unipc3:teleport-auto"}, task, 10)
+    probes = torch.randn(TELEPORT_PROBES, 16, generator=torch.Generator().manual_seed(0))
+    expect, _ = choose_teleport_fraction(task.model, make_named_scheduler("unipc3"),
+                                         GaussianStats.load(task.teleport_stats), 10, probes)
+    assert sch.config.teleport_fraction == expect
+    rec = run_cell(task, "unipc3:teleport-auto", 10, 16, seed=1)
+    assert rec["model_calls"] == 10 - round(expect * 10)
+    assert expect == pytest.approx(0.3)  # on this mixture: 3 of the 10 steps
+    assert cell(task, "unipc3:teleport-auto", 10, 16, 1)[2]["config"] != cell(task, "unipc3", 10, 16, 1)[2]["config"]
+    with pytest.raises(ValueError, match="diffusers-unipc:teleport-auto"):
+        run_sweep("testbed", ["diffusers-unipc:teleport-auto"], [4], 4, "unused.jsonl")

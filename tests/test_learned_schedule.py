@@ -156,6 +156,20 @@ def test_fractional_learned_timesteps_reach_the_model(problem, tmp_path):
     assert sch.sigmas[:4].double().numpy() == pytest.approx(s.sigmas[:4], rel=1e-5)
 
 
+def test_gradient_fit_keeps_its_best_iterate(problem):
+    """With a step size far too large, Adam wanders off; the fit still returns the best grid it saw on the whole
+    fitting set, which is never worse than the starting grid."""
+    gm, train, _ = problem
+    s = learn_schedule(gm, UniPCScheduler(solver_order=3), train, 4, method="gradient",
+                       gradient_options={"iterations": 20, "lr": 3.0, "eval_every": 5})
+    start = learn_schedule(gm, UniPCScheduler(solver_order=3), train, 4, method="gradient",
+                           gradient_options={"iterations": 1, "lr": 1e-12})
+    # here every later iterate is worse: the fit hands back the starting grid
+    assert s.extra["best_iteration"] == 0 and s.train_loss == pytest.approx(start.train_loss, rel=1e-9)
+    with pytest.raises(ValueError, match="eval_every"):
+        learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient", gradient_options={"eval_every": 0})
+
+
 def test_gradient_bad_input(problem):
     gm, train, _ = problem
     with pytest.raises(ValueError, match="deterministic solver"):
@@ -225,3 +239,39 @@ def test_validation_against_a_shared_fine_grid_teacher(problem):
         own = validation_error(gm, UniPCScheduler(solver_order=3), s, test)
         shared = validation_error(gm, UniPCScheduler(solver_order=3), s, test, reference=reference)
         assert shared == pytest.approx(own, rel=5e-3), (n, own, shared)
+
+
+def test_gradient_fit_on_a_teleported_schedule(problem, tmp_path):
+    """With teleportation the fit starts from the closed-form jump and fits the steps left, against the converged
+    solve over the full interval; the schedule carries all N levels (the teleported ones as they were), the scheduler
+    reproduces the fit's loss with N - k model calls, and it beats the plain teleported grid on held-out noise."""
+    from fastsample.solvers.teleport import GaussianStats
+
+    gm, train, test = problem
+    mean, cov = gm.moments()
+    evals, evecs = torch.linalg.eigh(cov)
+    stats = tmp_path / "g.safetensors"
+    GaussianStats(mean, evecs.flip(1).contiguous(), evals.flip(0).clamp_min(0).contiguous(), (8,)).save(stats)
+
+    def base():
+        return UniPCScheduler(solver_order=3, teleport_stats=str(stats), teleport_fraction=0.2)
+
+    def converged(noise):
+        return sample(gm, noise, UniPCScheduler(solver_order=3), 200, progress=False)[0]
+
+    def run(sch, noise):
+        return sample(gm, sch.prepare_latents(noise, 10), sch, 10, progress=False)
+
+    target = converged(train)
+    with pytest.raises(ValueError, match="needs target="):
+        learn_schedule(gm, base(), train, 10, method="gradient")
+    s = learn_schedule(gm, base(), train, 10, method="gradient",
+                       gradient_options={"iterations": 60, "target": target, "scales": True})
+    assert s.extra["teleported_steps"] == 2 and len(s.timesteps) == 10 and s.scales[:2] == [1.0, 1.0]
+    sch = s.scheduler(base())
+    x, calls = run(sch, train)
+    assert calls == 8 and float((x - target).square().mean()) == pytest.approx(s.train_loss, rel=1e-4)
+    assert s.train_loss < s.extra["initial_loss"]
+    ref = converged(test)
+    learned, plain = (float((run(c, test)[0] - ref).norm() / ref.norm()) for c in (sch, base()))
+    assert learned < plain, (learned, plain)

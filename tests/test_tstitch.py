@@ -73,9 +73,10 @@ def test_models_with_other_input_shapes_are_rejected():
 
 
 @pytest.mark.slow
-def test_sweep_script_records_fids_then_interleaved_timings(tmp_path):
-    """scripts/tstitch_sweep.py on the shipped models (FID against the train split): one FID record per fraction,
-    then one timing record per fraction, the small model's call count by noise level; a rerun adds nothing."""
+def test_sweep_script_records_quality_cells_then_interleaved_timings(tmp_path):
+    """scripts/tstitch_sweep.py on the shipped models: one engine cell per fraction and metric (FID against the
+    train split, trajectory error against the large model's converged solve), the small model's call count by noise
+    level, then one timing record per fraction; a rerun adds nothing."""
     import json
     import subprocess
     import sys
@@ -84,14 +85,19 @@ def test_sweep_script_records_fids_then_interleaved_timings(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "t.jsonl"
     cmd = [sys.executable, "scripts/tstitch_sweep.py", "--nfe", "4", "--fractions", "0", "0.5", "1", "--num", "24",
-           "--batch-size", "12", "--time-batch", "4", "--time-repeats", "2", "--out", str(out),
+           "--num-rmse", "4", "--batch-size", "12", "--time-batch", "4", "--time-repeats", "2", "--out", str(out),
            "--table", str(tmp_path / "t.md")]
     subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    fids, times = [r for r in records if "fid" in r], [r for r in records if "ms_per_image" in r]
+    rmse = [r for r in records if r.get("metric") == "rmse"]
+    fids, times = [r for r in records if r.get("metric") == "fid"], [r for r in records if "ms_per_image" in r]
     # UniPC's 4 steps sit at t = 999, 749, 500, 250: the small model serves t / 1000 >= 1 - 0.5, three of them
-    assert [(r["fraction"], r["small_calls"]) for r in fids] == [(0.0, 0), (0.5, 3), (1.0, 4)]
+    assert [(r["scheduler"], r.get("small_calls")) for r in fids] == [("fraction 0", None), ("fraction 0.5", 3),
+                                                                     ("fraction 1", 4)]
+    assert [r["num"] for r in rmse] == [4, 4, 4] and rmse[0]["rmse"] < rmse[2]["rmse"]
+    assert len({r["weights"] for r in fids}) == 2  # the large model alone; the pair
     assert [r["fraction"] for r in times] == [0.0, 0.5, 1.0] and all(r["ms_per_image"] > 0 for r in times)
-    assert "speed-up @ 4" in (tmp_path / "t.md").read_text()
+    text = (tmp_path / "t.md").read_text()
+    assert "speed-up" in text and "| 4 | 0.5 |" in text
     subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     assert len(out.read_text().splitlines()) == len(records)
