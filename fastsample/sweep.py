@@ -601,7 +601,10 @@ def render(records: list[dict], plot=None, table=None, title: str | None = None)
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.set_xlabel("model calls (NFE)")
         ax.set_ylabel(metric)
-        ax.set_title(title or f"{records[0]['model']}: {metric} vs NFE ({records[0]['num']} samples a cell)")
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title or f"{records[0]['model']}: {metric} vs NFE "
+                                                     f"({records[0]['num']} samples a cell)", 90)), fontsize=9)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         Path(plot).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,9 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=10, help="fitting latents")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="also write <out>/cpr-without-nfe<N>: the CPR fitted on the other NFEs' fits, to measure how "
+                        "much of the fitted gain it keeps at an NFE it never saw")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -71,6 +74,13 @@ def main(argv=None):
                 DCSolverScheduler(**config, dc_ratios=ratios).save_pretrained(out / f"nfe{nfe}-cfg{w:g}")
                 print(json.dumps(record), flush=True)
     CPR.fit(done, args.base_solver).save(out / "cpr.json")  # over this configuration's fits only
+    if args.leave_one_out:
+        for nfe in sorted({d["nfe"] for d in done}):
+            rest = [d for d in done if d["nfe"] != nfe]
+            if rest:
+                cpr = CPR.fit(rest, args.base_solver).to_dict()
+                DCSolverScheduler(**config, cpr=cpr).save_pretrained(out / f"cpr-without-nfe{nfe}")
+                print(f"CPR without NFE {nfe} -> {out / f'cpr-without-nfe{nfe}'}")
     print(f"CPR over {len(done)} fits -> {out / 'cpr.json'}")
 
 

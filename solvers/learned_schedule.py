@@ -120,7 +120,8 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     (False: True also fits one scale per step on the solver's prediction, carried as ``learned_scales``),
     ``eval_every`` (10: the fit keeps the best iterate on the whole fitting set, checked this often), ``target`` (the
     teacher's end points from ``noise``, when computed once for several fits; default: UniPC-3 with ``per_step``
-    steps through each interval of the ``fine_steps`` grid), ``decouple_time``
+    steps through each interval of the ``fine_steps`` grid), ``validation`` (``(noise, teacher end points)``: the best
+    iterate is chosen on these instead of the fitting set; unconditional models only), ``decouple_time``
     (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
     a scheduler then carries the levels too, as ``learned_sigmas``)."""
     gradient_options = dict(gradient_options or {})
@@ -296,7 +297,8 @@ class _Program:
 def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs,
                     iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
                     seed: int = 0, scales: bool = False, decouple_time: bool = False,
-                    eval_every: int = 10, target: torch.Tensor | None = None) -> LearnedSchedule:
+                    eval_every: int = 10, target: torch.Tensor | None = None,
+                    validation: tuple | None = None) -> LearnedSchedule:
     import math
 
     from fastsample.sampling import reference_states
@@ -345,17 +347,27 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
         frac = torch.cumsum(w / w.sum(), 0)[:-1]
         return lam[0] + (cap - lam[0]) * frac
 
-    def full_loss():  # on every fitting latent, without the ball's perturbation
-        with torch.no_grad():
-            x = program.run(model, x_T, _GridValues.apply(inner(theta), program.values, 1e-6),
-                            log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
-                            **model_kwargs)
-            return float((x - target).double().square().mean())
+    if validation is not None:  # (noise, the teacher's end points from it): the iterate is chosen on these
+        val_noise, val_target = validation
+        if not (torch.is_tensor(val_noise) and torch.is_tensor(val_target) and val_noise.shape == val_target.shape
+                and val_noise.shape[1:] == noise.shape[1:]):
+            raise ValueError("validation must be (noise, the teacher's end points from it), two tensors shaped like "
+                             "the fitting noise")
+        val_start = scheduler.prepare_latents(val_noise, n) if teleported else val_noise * scheduler.init_noise_sigma
 
-    # the fit returns the best iterate on the whole fitting set, checked every ``eval_every`` iterations (the first
-    # check is the starting grid), so a noisy mini-batch step can never leave it worse than where it started
+    def full_loss(on_validation=validation is not None):  # every latent, without the ball's perturbation
+        start, goal = (val_start, val_target) if on_validation else (x_T, target)
+        with torch.no_grad():
+            x = program.run(model, start, _GridValues.apply(inner(theta), program.values, 1e-6),
+                            log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
+                            **({} if on_validation else model_kwargs))
+            return float((x - goal).double().square().mean())
+
+    # the fit returns the best iterate on the whole fitting set (or on ``validation``, which guards against fitting
+    # the fitting set's outliers), checked every ``eval_every`` iterations; the first check is the starting grid, so
+    # the fit can never leave it worse than where it started on that set
     losses, best = [], (full_loss(), theta.detach().clone(), log_scales.detach().clone(), offsets.detach().clone(), 0)
-    initial_loss = best[0]
+    initial_loss = full_loss(False)  # on the fitting set
     for it in range(iterations):
         idx = torch.randperm(len(noise), generator=g)[:batch_size]
         vals = _GridValues.apply(inner(theta), program.values, 1e-6)
@@ -400,6 +412,8 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
                                model_hash(model), {"iterations": iterations, "lr": lr, "ball": ball,
                                                    "first_loss": losses[0], "fine_steps": fine_steps,
                                                    "best_iteration": best[4], "initial_loss": initial_loss,
+                                                   "selected_on": "validation" if validation is not None else "fit",
+                                                   "selection_loss": best[0],
                                                    "decoupled_time": decouple_time, "teleported_steps": n - m,
                                                    "teleport_fraction": scheduler.config.get("teleport_fraction")
                                                    if teleported else None},

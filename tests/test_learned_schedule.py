@@ -275,3 +275,25 @@ def test_gradient_fit_on_a_teleported_schedule(problem, tmp_path):
     ref = converged(test)
     learned, plain = (float((run(c, test)[0] - ref).norm() / ref.norm()) for c in (sch, base()))
     assert learned < plain, (learned, plain)
+
+
+def test_gradient_fit_chooses_its_iterate_on_validation(problem):
+    """With validation=(noise, teacher end points) the iterate is chosen on those: the chosen grid's validation loss is
+    what the scheduler gives there, and never above the starting grid's."""
+    gm, train, test = problem
+
+    def converged(noise):
+        return sample(gm, noise, UniPCScheduler(solver_order=3), 200, progress=False)[0]
+
+    val, val_ref = test[:50], converged(test[:50])
+    s = learn_schedule(gm, UniPCScheduler(solver_order=3), train, 4, method="gradient",
+                       gradient_options={"iterations": 40, "eval_every": 5, "target": converged(train),
+                                         "validation": (val, val_ref)})
+    assert s.extra["selected_on"] == "validation"
+    fitted = float((sample(gm, val, UniPCScheduler(solver_order=3), progress=False, **s.grid_kwargs())[0]
+                    - val_ref).square().mean())
+    plain = float((sample(gm, val, UniPCScheduler(solver_order=3), 4, progress=False)[0] - val_ref).square().mean())
+    assert s.extra["selection_loss"] == pytest.approx(fitted, rel=1e-4) and fitted <= plain * (1 + 1e-9)
+    with pytest.raises(ValueError, match="validation must be"):
+        learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient",
+                       gradient_options={"iterations": 1, "validation": (val, val_ref[:3])})
