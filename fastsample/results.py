@@ -69,6 +69,17 @@ def write_atomic(path, text: str) -> None:
         os.close(dir_fd)
 
 
+def save_tensors_atomic(tensors: dict, path) -> None:
+    """``safetensors`` file of ``tensors`` at ``path``, through a temporary file in the same folder, then renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 class ResultsFile:
     """``with ResultsFile(path) as f: ... f.append(record)``: the locked writer of one results file."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -402,7 +401,9 @@ class Task:
         """The converged end points of samples 0..num-1 of ``seed``: UniPC-3 at ``reference_steps`` steps from the
         same noise, computed once a chunk of ``batch_size`` at a time and kept (atomically) in the cache, so a
         kill loses at most the chunk in progress."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
+
+        from .results import save_tensors_atomic
 
         path = self.cache_dir / f"{self.name}-{self.weights}-seed{seed}-unipc3x{self.reference_steps}.safetensors"
         have = load_file(str(path))["x"] if path.is_file() else torch.zeros(0, *self.shape)
@@ -413,10 +414,7 @@ class Task:
                 x, _ = sample(self.model, noise_for(idx, self.shape, seed).to(self.device),
                               make_named_scheduler(FLOOR_SCHEDULER), self.reference_steps, progress=False)
             have = torch.cat([have, x.float().cpu()])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"x": have.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            save_tensors_atomic({"x": have}, path)
             if log:
                 log(f"reference {path.name}: {len(have)} of {num} ({time.time() - start:.1f} s)")
         return have[:num]
@@ -467,10 +465,11 @@ def cell(task: Task, spec, nfe: int, num: int, seed: int = 0, metric: str | None
 
 
 def run_cell(task: Task, spec, nfe: int, num: int, seed: int = 0, batch_size: int = 250, acc=None,
-             metric: str | None = None, log=None) -> dict:
-    """Sample ``num`` images (this process's shard of them under accelerate) and score them: one JSONL record."""
+             metric: str | None = None, log=None, prepared=None) -> dict:
+    """Sample ``num`` images (this process's shard of them under accelerate) and score them: one JSONL record.
+    ``prepared``: this cell's ``cell(...)`` when already built (a ":teleport-auto" row calls the model to build)."""
     acc = acc or _OneProcess()
-    scheduler, model, ident = cell(task, spec, nfe, num, seed, metric)
+    scheduler, model, ident = prepared or cell(task, spec, nfe, num, seed, metric)
     mine = list(range(acc.process_index, num, acc.num_processes))
     outs, calls, start = [], 0, time.time()
     for b in range(0, len(mine), batch_size):
@@ -519,18 +518,19 @@ def run_sweep(model: str, schedulers, nfes, num: int, out, seed: int = 0, batch_
     task = task or Task(model, device, reference_steps)
     metric = task.check_metric(metric)
     cells = [(s, n) for s, ns in rows for n in ns] + ([({"name": FLOOR}, floor_nfe)] if floor_nfe is not None else [])
-    keys = [cell(task, s, n, num, seed, metric)[2]["key"] for s, n in cells]
+    built = [cell(task, s, n, num, seed, metric) for s, n in cells]  # each scheduler built once
+    keys = [b[2]["key"] for b in built]
     if not acc.is_main_process:  # the main process writes; the others sample their shards of the same cells
         done = {r.get("key") for r in read_records(out)}
-        for (s, n), key in zip(cells, keys):
+        for (s, n), key, b in zip(cells, keys, built):
             if key not in done:
-                run_cell(task, s, n, num, seed, batch_size, acc, metric)
+                run_cell(task, s, n, num, seed, batch_size, acc, metric, prepared=b)
         return []
     with ResultsFile(out, log=log) as f:
-        for (s, n), key in zip(cells, keys):
+        for (s, n), key, b in zip(cells, keys, built):
             if key in f.keys():
                 continue
-            record = run_cell(task, s, n, num, seed, batch_size, acc, metric, log=log)
+            record = run_cell(task, s, n, num, seed, batch_size, acc, metric, log=log, prepared=b)
             f.append(record)
             log(json.dumps({k: v for k, v in record.items() if k not in ("spec", "weights", "config")}))
         by_key = {r.get("key"): r for r in f.records}

@@ -29,7 +29,9 @@ TEACHERS = Path.home() / ".cache" / "fastsample" / "teachers"
 def teacher(model, noise, scheduler, args, which: str, unet, model_kwargs):
     """The teacher's end points from ``noise``: 4 UniPC-3 steps through each interval of the fine grid, cached under
     the model's weights, the grid, the latents' seed and count, and the guidance scale (so later fits reuse it)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from fastsample.results import save_tensors_atomic
 
     key = (f"{args.model}-{model_hash(unet)}-{args.scheduler}{args.order}-fine{args.fine_steps}-seed{args.seed}-"
            f"{which}{len(noise)}-of{args.num}-cfg{args.guidance_scale if model_kwargs else 1:g}")
@@ -38,10 +40,7 @@ def teacher(model, noise, scheduler, args, which: str, unet, model_kwargs):
         return load_file(str(path))["x"]
     with torch.no_grad():
         x = reference_states(model, noise, scheduler, 4, **model_kwargs)[-1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"x": x.contiguous()}, str(tmp))
-    tmp.replace(path)
+    save_tensors_atomic({"x": x}, path)
     return x
 
 
