@@ -71,21 +71,109 @@ def test_zoo_names():
         assert lo < n < hi, (name, n)
 
 
-def test_training_resumes_exactly(tiny_dataset, tmp_path):
-    """Two steps, then a resumed run to four, equal four uninterrupted steps."""
-    def train(out, steps):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--model", "fmnist-small", "--steps", str(steps),
-                        "--batch-size", "4", "--data", str(tiny_dataset), "--out", str(out), "--threads", "1"],
-                       check=True, capture_output=True, cwd=ROOT)
+def _train(tiny_dataset, out, steps, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--model", "fmnist-small",
+                           "--steps", str(steps), "--batch-size", "4", "--data", str(tiny_dataset), "--out", str(out),
+                           "--threads", "1", "--warmup", "2", *extra], capture_output=True, text=True, cwd=ROOT)
 
-    train(tmp_path / "a", 2)
-    train(tmp_path / "a", 4)
-    train(tmp_path / "b", 4)
+
+def test_training_resumes_exactly(tiny_dataset, tmp_path):
+    """Three steps, then a resumed run to six, equal six uninterrupted steps (the cosine schedule spans the six)."""
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "a" / "ema.safetensors")), load_file(str(tmp_path / "b" / "ema.safetensors"))
-    assert json.loads((tmp_path / "a" / "state.json").read_text())["step"] == 4
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert _train(tiny_dataset, tmp_path / "a", 6, "--max-minutes", "0").returncode == 0  # stops after one step
+    assert json.loads((tmp_path / "a" / "state.json").read_text())["step"] == 1
+    assert _train(tiny_dataset, tmp_path / "a", 6, "--save-every", "3").returncode == 0
+    assert _train(tiny_dataset, tmp_path / "b", 6).returncode == 0
+    for name in ("model", "ema"):
+        a, b = (load_file(str(tmp_path / d / f"{name}.safetensors")) for d in "ab")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    state = json.loads((tmp_path / "a" / "state.json").read_text())
+    assert state["step"] == 6 and state["adam_step"] == 6 and state["files"] == ["ema", "model", "optimizer"]
+
+
+def test_nan_or_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert _train(tiny_dataset, out, 50, "--max-minutes", "0").returncode == 0
+    good = load_file(str(out / "ema.safetensors"))
+    # a learning rate of 1e4 blows the weights up within a few steps: inf/NaN losses or a diverged mean
+    r = _train(tiny_dataset, out, 60, "--lr", "1e4", "--warmup", "0", "--save-every", "1")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "last good checkpoint" in r.stderr
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stopped"
+    kept = load_file(str(out / "ema.safetensors"))
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    state = json.loads((out / "state.json").read_text())
+    if state["step"] == 1:  # nothing after the first checkpoint was good
+        assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_an_interrupted_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """A kill while the tensors are written keeps the old checkpoint; a kill after the commit point (state.json.new)
+    and during the renames is finished on opening, giving the new one."""
+    import os
+
+    from fastsample import training
+
+    def tensors(v):
+        return {"model": {"w": torch.full((3,), float(v))}, "ema": {"w": torch.full((3,), v + 0.5)}}
+
+    training.save_checkpoint(tmp_path, tensors(1), {"step": 1})
+    real = training._fsync
+    calls = {"n": 0}
+
+    def dying(path):  # the kill comes while the second file is written
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(training, "_fsync", dying)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint(tmp_path, tensors(2), {"step": 2})
+    monkeypatch.setattr(training, "_fsync", real)
+    assert list(tmp_path.glob("*.new"))  # the half-written save is on disk
+    assert training.load_state(tmp_path)["step"] == 1 and not list(tmp_path.glob("*.new"))
+    assert torch.equal(training.load_tensors(tmp_path, "model")["w"], torch.full((3,), 1.0))
+
+    real_replace, renames = os.replace, {"n": 0}
+
+    def dying_replace(src, dst):  # the kill comes after the journal, between two renames
+        renames["n"] += 1
+        if renames["n"] == 3:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint(tmp_path, tensors(3), {"step": 3})
+    monkeypatch.setattr(training.os, "replace", real_replace)
+    assert (tmp_path / "state.json.new").is_file()
+    assert training.load_state(tmp_path)["step"] == 3
+    for name, v in (("model", 3.0), ("ema", 3.5)):
+        assert torch.equal(training.load_tensors(tmp_path, name)["w"], torch.full((3,), v))
+
+
+def test_learning_rate_schedule_and_guard():
+    from fastsample.training import LossGuard, lr_at
+
+    kw = dict(lr=1e-3, total=1100, warmup=100, phase_start=100, warm_from=100, final=0.1)
+    assert lr_at(100, **kw) == pytest.approx(1e-5)  # the first warmup step
+    assert lr_at(1099, **{**kw, "warmup": 0}) == pytest.approx(1e-4, rel=1e-4)  # cosine down to 10%
+    assert lr_at(600, **{**kw, "warmup": 0}) == pytest.approx(0.55e-3)  # half way: the mean of 1 and 0.1
+    assert lr_at(600, **{**kw, "warmup": 0, "schedule": "linear"}) == pytest.approx(0.55e-3)
+    assert lr_at(600, **{**kw, "schedule": "constant"}) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_at(0, lr=1e-3, total=10, schedule="step")
+    with pytest.raises(ValueError, match="total steps .10. must exceed the phase's first step .10."):
+        lr_at(10, lr=1e-3, total=10, phase_start=10)
+    guard = LossGuard(factor=10)
+    assert guard.check([1.0] * 50) is None and guard.check([2.0] * 50) is None
+    assert "diverged" in guard.check([30.0] * 50)
+    assert "not finite" in guard.check([1.0, float("nan")])
 
 
 def test_restart_from_ema_loads_the_ema_weights_and_no_moments(tmp_path):
@@ -108,15 +196,19 @@ def test_restart_from_ema_loads_the_ema_weights_and_no_moments(tmp_path):
     model(torch.randn(2, 1, 32, 32), torch.tensor([10, 500])).sample.square().mean().backward()
     opt.step()
     ema = {k: v.detach().clone() + 0.5 for k, v in model.named_parameters()}
-    args = SimpleNamespace(model="fmnist-small", batch_size=4, lr=1e-3, seed=0, ema_decay=0.999, weighting="edm")
-    train.save_checkpoint(tmp_path, model, ema, opt, 7, args, [0.1])
+    args = SimpleNamespace(model="fmnist-small", batch_size=4, lr=1e-3, seed=0, ema_decay=0.999, weighting="edm",
+                           lr_schedule="cosine", lr_final=0.05, warmup=10, steps=20)
+    train.save(tmp_path, model, ema, opt, 7, args, [0.1], {"phase_start": 0, "warm_from": 0})
     for from_ema in (False, True):
         other, other_opt, other_ema = fresh(1)
-        step, moments = train.load_checkpoint(tmp_path, other, other_ema, other_opt, from_ema=from_ema)
+        step, phase = train.load(tmp_path, other, other_ema, other_opt, from_ema=from_ema)
         source = ema if from_ema else dict(model.named_parameters())
-        assert step == 7 and moments is not from_ema and bool(other_opt.state) is not from_ema
+        assert step == 7 and bool(other_opt.state) is not from_ema
+        assert phase == ({"phase_start": 7, "warm_from": 7} if from_ema else {"phase_start": 0, "warm_from": 0})
         assert all(torch.equal(p, source[k]) for k, p in other.named_parameters())
         assert all(torch.equal(other_ema[k], ema[k]) for k in ema)
+        if not from_ema:
+            assert int(next(iter(other_opt.state.values()))["step"]) == 1  # AdamW's own count, not the step
 
 
 def blobs(n, seed, shift=0.0):
