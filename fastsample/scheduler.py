@@ -24,6 +24,40 @@ from .solver import Grid, Solver
 __all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput"]
 
 
+# FlowMatch options that no scheduler here implements: an error, never a silent change of the process
+UNSUPPORTED_FLOW_MATCH_KEYS = {
+    "invert_sigmas": "it integrates from sigma = 0 to 1 (Mochi's convention), which these solvers do not support",
+    "stochastic_sampling": "it re-noises each Euler step; use DPMSolverPlusPlusScheduler with "
+                           "algorithm_type='sde-dpmsolver++' for a stochastic flow sampler",
+}
+
+
+def is_flow_match_config(config) -> bool:
+    """A config of one of diffusers' FlowMatch schedulers (by class name, or by FlowMatch's own ``shift`` key with
+    none of the beta keys when the class name is absent)."""
+    name = config.get("_class_name")
+    if isinstance(name, str) and name:
+        return name.startswith("FlowMatch")
+    return "shift" in config and "beta_start" not in config and "use_flow_sigmas" not in config
+
+
+def flow_match_config(config) -> dict:
+    """Our keys for the flow schedule of a FlowMatch config: flow prediction, FlowMatch's grid (``spacing=
+    "flow_match"``: its default levels, and custom ``sigmas`` and ``mu`` shifted as it shifts them), ``flow_shift``
+    from ``shift``, and a final level of 0.  Every other key is kept, so a pipeline still reads FlowMatch's dynamic
+    shifting keys (``base_shift``, ``max_image_seq_len``, ...) from the scheduler's config."""
+    cfg = dict(config)
+    for key, why in UNSUPPORTED_FLOW_MATCH_KEYS.items():
+        if cfg.get(key):
+            raise ValueError(f"the FlowMatch config sets {key}=True, which cannot be honoured: {why}")
+    cfg.update(prediction_type="flow_prediction", spacing=T.FLOW_MATCH, flow_shift=cfg.get("shift", 1.0),
+               final_sigmas_type="zero", use_flow_sigmas=False)
+    # named, so that diffusers' from_config files FlowMatch's own keys as kept-but-unused, without a warning
+    if not isinstance(cfg.get("_class_name"), str):
+        cfg["_class_name"] = "FlowMatchEulerDiscreteScheduler"
+    return cfg
+
+
 class FastScheduler(SchedulerMixin, ConfigMixin):
     """Base adapter.  Subclasses define ``__init__`` with ``@register_to_config`` and ``make_solver()``."""
 
@@ -33,6 +67,18 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
     _peer_values: dict = {}
 
     # ------------------------------------------------------------------ setup
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a FlowMatch scheduler's config (SD3, Flux, ...) becomes the same flow schedule
+        in our keys (``flow_match_config``), and FlowMatch's keys stay in the config for the pipeline to read."""
+        if config is not None and is_flow_match_config(config):
+            config = flow_match_config(config)
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        model = out[0] if return_unused_kwargs else out
+        if model.flow is not None:  # a stale FlowMatch ``shift`` from the source config must not win over ours
+            model.register_to_config(shift=model.config.get("flow_shift", 1.0))
+        return out
+
     def make_solver(self) -> Solver:
         raise NotImplementedError
 
@@ -53,7 +99,15 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self.vp = DiscreteVP.from_betas_config(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
                                                cfg.trained_betas, cfg.get("rescale_betas_zero_snr", False))
         betas = self.vp.betas
-        self.flow = RectifiedFlow(t_min=0.0) if cfg.get("use_flow_sigmas", False) else None
+        self.flow = RectifiedFlow(t_min=0.0) if cfg.get("use_flow_sigmas", False) or self.spacing == T.FLOW_MATCH else None
+        if self.flow is not None:
+            T.check_flow_shift(cfg.get("flow_shift", 1.0), None, cfg.get("time_shift_type", "exponential"))
+            # FlowMatch's name for the shift, so that FlowMatchEulerDiscreteScheduler.from_config(ours) keeps it
+            self.register_to_config(shift=cfg.get("flow_shift", 1.0))
+        for key in UNSUPPORTED_FLOW_MATCH_KEYS:
+            if cfg.get(key):
+                raise ValueError(f"{key}=True cannot be honoured by {type(self).__name__}: "
+                                 f"{UNSUPPORTED_FLOW_MATCH_KEYS[key]}")
         self.schedule = self.flow or self.vp
         self.betas = betas
         self.alphas = 1.0 - self.betas
@@ -140,6 +194,13 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         if len(chosen) > 1:
             raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas may be set, got {chosen}")
         spacing = cfg.get("spacing")
+        self._flow_respacing = None
+        if spacing == T.FLOW_MATCH:  # FlowMatch's flags respace its shifted levels (flow_match_convert)
+            if chosen and chosen[0] not in ("karras", "exponential", "beta"):
+                raise ValueError(f"spacing='flow_match' takes use_karras_sigmas, use_exponential_sigmas or "
+                                 f"use_beta_sigmas, not use_{chosen[0]}")
+            self._flow_respacing = chosen[0] if chosen else None
+            return spacing
         if spacing is not None:
             T.check_choice("spacing", spacing, T.SPACINGS)
             if chosen and chosen[0] != spacing:
@@ -204,16 +265,35 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             model_times, timesteps = np.asarray(timesteps, dtype=np.float64), None
         if mu is not None and not cfg.get("use_dynamic_shifting", False):
             raise ValueError("mu is only used with use_dynamic_shifting=True")
-        if cfg.get("use_dynamic_shifting", False) and mu is None and timesteps is None and sigmas is None:
-            raise ValueError("use_dynamic_shifting=True needs mu in set_timesteps")
+        if cfg.get("use_dynamic_shifting", False) and mu is None and timesteps is None and (
+                sigmas is None or (self.flow is not None and not decoupled)):
+            raise ValueError("use_dynamic_shifting=True needs mu in set_timesteps (the shift of the levels, sigmas "
+                             "included)")
         Ttrain = cfg.num_train_timesteps
         final_zero = cfg.final_sigmas_type == "zero"
         if self.flow is not None:
-            t_min = float(T.shift_flow([1.0 / Ttrain], cfg.flow_shift, mu)[0])  # the final level for "sigma_min"
+            kind = cfg.get("time_shift_type", "exponential")
+            T.check_flow_shift(cfg.flow_shift, mu, kind)
+            shift = lambda v: T.shift_flow(v, cfg.flow_shift, mu, kind)  # noqa: E731
+            t_min = float(shift([1.0 / Ttrain])[0])  # the final level for "sigma_min"
             if timesteps is not None:
                 levels = T.check_descending("timesteps", timesteps) / Ttrain
             elif sigmas is not None:
                 levels = T.check_descending("sigmas", sigmas)
+                if levels.max() > 1:
+                    raise ValueError(f"flow sigmas must lie in (0, 1] (a trailing 0 marks the final level), got "
+                                     f"{levels.tolist()}")
+                if not decoupled:  # FlowMatch's (and diffusers' UniPC's) rule: custom sigmas are shifted too
+                    levels = shift(levels)
+                    if cfg.get("shift_terminal") is not None:
+                        levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
+            elif self.spacing == T.FLOW_MATCH:
+                n = T.check_num_steps(num_inference_steps, Ttrain)
+                levels = T.flow_match_sigmas(n, Ttrain, cfg.flow_shift, mu, kind)
+                if cfg.get("shift_terminal") is not None:
+                    levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
+                if self._flow_respacing is not None:
+                    levels = T.flow_match_convert(levels, self._flow_respacing, cfg.get("sigma_min"), cfg.get("sigma_max"))
             elif self.spacing in T.SIGMA_SPACINGS:
                 # diffusers' UniPC with use_flow_sigmas and use_karras/exponential/beta_sigmas: the spacing on VE
                 # sigmas s = t / (1 - t) in [sigma_min, sigma_max], mapped to flow time t = s / (1 + s); no shift
@@ -223,17 +303,20 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 levels, t_min = s / (1 + s), lo / (1 + lo)
             else:
                 n = T.check_num_steps(num_inference_steps, Ttrain)
-                # a noise-prediction solver cannot start at alpha = 0: it starts one training step below
+                # diffusers' DPM/UniPC flow grid; a noise-prediction solver starts one training step below 1
                 start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" or cfg.prediction_type == "epsilon" else 1.0
-                levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start)
+                levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start, kind)
                 if cfg.get("shift_terminal") is not None:
                     levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
             if levels[-1] == 0:
                 levels, final = levels[:-1], 0.0
             else:
                 final = 0.0 if final_zero else t_min
-            if levels.max() > 1 or (levels.max() == 1 and self.solver.prediction == "eps"):
-                raise ValueError(f"flow sigmas must lie in (0, 1] (below 1 for noise-prediction solvers), got {levels.tolist()}")
+            if not (levels.max() <= 1 and levels.min() > 0):
+                raise ValueError(f"flow levels must lie in (0, 1], got {levels.tolist()}")
+            if levels[0] == 1 and cfg.prediction_type == "epsilon":
+                raise ValueError("an epsilon-prediction model cannot be evaluated at flow sigma 1 (alpha = 0): its "
+                                 f"noise prediction carries no information there; got levels {levels.tolist()}")
             if final >= levels[-1]:
                 raise ValueError(f"the final flow sigma {final} must be below the last level {levels[-1]}")
             grid = Grid.from_times(self.flow, np.append(levels, final))
@@ -326,11 +409,9 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
-        if torch.is_tensor(timestep):
-            timestep = timestep.to(self.timesteps.device)
-        match = (self.timesteps == timestep).nonzero()
-        # diffusers' rule: the second match when a timestep repeats, the last step when it is not found
-        self._step_index = int(match[1 if len(match) > 1 else 0]) if len(match) else len(self.timesteps) - 1
+        j = self._index_of(timestep)
+        # diffusers' rule: the last step when the timestep is not found
+        self._step_index = len(self.timesteps) - 1 if j is None else j
 
     def _check_finite(self, model_output: torch.Tensor, i: int, timestep):
         """NaN/Inf in the model output is an error naming the step.  One float64 sum (NaN and Inf propagate) is
@@ -395,11 +476,70 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         if self._scales is not None:
             pred = pred * self._scales[i]
         state = self._state if self._state.index == i else replace(self._state, index=i)
-        noise = self._noise(i, x, generator, variance_noise) if self.solver.needs_noise(g, i) else None
-        x_next, self._state = self.solver.step(g, state, x, pred, noise)
+        if g.alpha[i] == 0.0 and self.solver.prediction == "eps":
+            x_next, self._state = self._step_from_pure_noise(g, state, x, out)
+        else:
+            noise = self._noise(i, x, generator, variance_noise) if self.solver.needs_noise(g, i) else None
+            x_next, self._state = self.solver.step(g, state, x, pred, noise)
         self._step_index = i + 1
         prev = x_next.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _step_from_pure_noise(self, g: Grid, state, x: torch.Tensor, out: torch.Tensor):
+        """A noise-prediction solver's step from alpha = 0 (flow sigma 1, where FlowMatch grids start): there the
+        noise is x / sigma exactly and carries nothing of the model's output, so the step is the exact first-order
+        (DDIM) step through the model's data prediction, x' = (sigma'/sigma) x + alpha' x0.  The next steps use no
+        history from this node (its lambda is -inf) and no corrector of this step."""
+        i = state.index
+        x0 = P.convert(out, x, self.config.prediction_type, 0.0, g.sigma[i], "x0", self._threshold)
+        if self._scales is not None:
+            x0 = x0 * self._scales[i]
+        x_next = torch.mul(x0, g.alpha[i + 1]).add_(x, alpha=g.sigma[i + 1] / g.sigma[i])
+        eps = x / g.sigma[i]
+        return x_next, replace(state, index=i + 1, history=(eps,), orders=(), last_x=None)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """FlowMatch's forward process for img2img and inpainting: (1 - sigma) sample + sigma noise, with sigma the
+        grid's level at ``begin_index`` (before the first step), at ``step_index`` (after it) or, with no begin
+        index, at each given timestep."""
+        if self.flow is None:
+            raise ValueError(f"scale_noise is the flow-matching forward process, and this {type(self).__name__} is "
+                             f"a VP scheduler (use_flow_sigmas=False): use add_noise")
+        if self._grid is None:
+            raise RuntimeError("call set_timesteps() before scale_noise")
+        if noise is None:
+            raise ValueError("scale_noise needs noise (a tensor of the sample's shape)")
+        timestep = torch.as_tensor(timestep).reshape(-1)
+        if self._begin_index is None:
+            idx = [self._index_of(t) for t in timestep]
+            missing = [float(t) for t, j in zip(timestep, idx) if j is None]
+            if missing:
+                raise ValueError(f"timesteps {missing} are not on this scheduler's grid {self.timesteps.tolist()}")
+        else:
+            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(timestep)
+        sigma = self.sigmas.to(device=sample.device, dtype=sample.dtype)[idx]
+        sigma = sigma.reshape((-1,) + (1,) * (sample.ndim - 1))
+        return sigma * noise.to(device=sample.device, dtype=sample.dtype) + (1.0 - sigma) * sample
+
+    def _index_of(self, timestep) -> int | None:
+        """Where ``timestep`` is on the grid: an exact match (the second one when a timestep repeats, diffusers'
+        rule), else the nearest timestep when it is within the rounding of the given timestep's dtype (Flux casts
+        timesteps to bfloat16), else None."""
+        ts = self.timesteps
+        if torch.is_tensor(timestep):
+            t = timestep.to(ts.device)
+            eps = torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
+        else:
+            t, eps = torch.tensor(float(timestep), device=ts.device), 0.0
+        match = (ts == t).nonzero()
+        if len(match):
+            return int(match[1 if len(match) > 1 else 0])
+        if eps:
+            gap = (ts.double() - t.double()).abs()
+            j = int(gap.argmin())
+            if float(gap[j]) <= eps * max(1.0, abs(float(t))):
+                return j
+        return None
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t noise at the given model timesteps (at the grid's own levels once set)."""

@@ -56,6 +56,12 @@ class Rule:
     coefs: tuple
     noise: float = 0.0
 
+    def __post_init__(self):  # Python floats, whatever numpy or torch scalars a rule computed with: torch.compile
+        # (dynamo) and Tensor.add_(alpha=...) take Python numbers only
+        object.__setattr__(self, "cx", float(self.cx))
+        object.__setattr__(self, "coefs", tuple(float(c) for c in self.coefs))
+        object.__setattr__(self, "noise", float(self.noise))
+
 
 @dataclass(frozen=True)
 class State:

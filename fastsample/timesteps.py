@@ -11,8 +11,10 @@ import torch
 from .schedules import F64, NoiseSchedule
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+# FlowMatchEulerDiscreteScheduler's grid and semantics (a flow model): what from_config of a FlowMatch config selects
+FLOW_MATCH = "flow_match"
 SIGMA_SPACINGS = ("karras", "exponential", "logsnr", "beta", "time_uniform", "time_quadratic", "ays_sd15", "ays_sdxl")
-SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
+SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS + (FLOW_MATCH,)
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 # Align Your Steps (Sabour et al., ICML 2024), the published 10-step lists.
@@ -94,19 +96,68 @@ def sigma_spacing(spacing: str, n: int, sigma_min: float, sigma_max: float, sche
     return np.asarray(s, dtype=np.float64)[:n]
 
 
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def check_flow_shift(shift, mu=None, time_shift_type: str = "exponential") -> None:
+    """A flow shift is a positive finite number; ``mu`` (dynamic shifting) a finite one (positive for the linear
+    time shift); the time-shift type one of ``TIME_SHIFT_TYPES``."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"flow_shift (FlowMatch's shift) must be a positive finite number, got {shift!r}")
+    check_choice("time_shift_type", time_shift_type, TIME_SHIFT_TYPES)
+    if mu is not None:
+        if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating)) or not math.isfinite(mu):
+            raise ValueError(f"mu must be a finite number, got {mu!r}")
+        if time_shift_type == "linear" and mu <= 0:
+            raise ValueError(f"mu must be positive with time_shift_type='linear', got {mu!r}")
+
+
 def flow_sigmas(n: int, num_train_timesteps: int, shift: float = 1.0, mu: float | None = None,
-                start: float = 1.0) -> np.ndarray:
-    """Flow-matching levels t in (0, 1]: linspace(start, 1/T, N+1)[:-1], shifted by ``shift`` (SD3) or exp(mu)
-    (Flux).  ``start`` < 1 keeps alpha = 1 - t > 0 for noise-prediction solvers, which cannot start at pure noise."""
+                start: float = 1.0, time_shift_type: str = "exponential") -> np.ndarray:
+    """diffusers' DPM/UniPC ``use_flow_sigmas`` levels t in (0, 1]: linspace(start, 1/T, N+1)[:-1], shifted by
+    ``shift`` (SD3) or by ``mu`` (Flux).  ``start`` < 1 keeps alpha = 1 - t > 0 for noise-prediction solvers."""
     s = np.linspace(start, 1.0 / num_train_timesteps, n + 1)[:-1]
-    return shift_flow(s, shift, mu)
+    return shift_flow(s, shift, mu, time_shift_type)
 
 
-def shift_flow(s, shift: float = 1.0, mu: float | None = None) -> np.ndarray:
+def flow_match_sigmas(n: int, num_train_timesteps: int, shift: float = 1.0, mu: float | None = None,
+                      time_shift_type: str = "exponential") -> np.ndarray:
+    """FlowMatchEulerDiscreteScheduler's default N levels: linspace(1, sigma_min, N) then shifted, where sigma_min
+    is the shifted 1/T of its training table (not shifted when ``mu`` is used, i.e. with dynamic shifting)."""
+    lo = 1.0 / num_train_timesteps
+    if mu is None:
+        lo = float(shift_flow([lo], shift)[0])
+    return shift_flow(np.linspace(1.0, lo, n), shift, mu, time_shift_type)
+
+
+def shift_flow(s, shift: float = 1.0, mu: float | None = None, time_shift_type: str = "exponential") -> np.ndarray:
+    """The flow time shift: shift t / (1 + (shift - 1) t), or with ``mu`` (dynamic shifting) m / (m + 1/t - 1)
+    with m = exp(mu) ("exponential") or m = mu ("linear")."""
     s = np.asarray(s, dtype=np.float64)
     if mu is not None:
-        return math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+        m = math.exp(mu) if time_shift_type == "exponential" else float(mu)
+        with np.errstate(divide="ignore"):
+            return np.where(s > 0, m / (m + (1.0 / s - 1.0)), 0.0)
     return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def flow_match_convert(levels, spacing: str, sigma_min: float | None = None, sigma_max: float | None = None,
+                       rho: float = 7.0) -> np.ndarray:
+    """FlowMatchEulerDiscreteScheduler's ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas``:
+    the same number of levels respaced between the (shifted) levels' own ends, in flow time."""
+    v = np.asarray(levels, dtype=np.float64)
+    lo = float(v[-1]) if sigma_min is None else float(sigma_min)
+    hi = float(v[0]) if sigma_max is None else float(sigma_max)
+    ramp = np.linspace(0.0, 1.0, len(v))
+    if spacing == "karras":
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    if spacing == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), len(v)))
+    if spacing == "beta":
+        import scipy.stats
+
+        return lo + scipy.stats.beta.ppf(1 - ramp, 0.6, 0.6) * (hi - lo)
+    raise ValueError(f"a FlowMatch respacing must be 'karras', 'exponential' or 'beta', got {spacing!r}")
 
 
 def stretch_to_terminal(levels, shift_terminal: float) -> np.ndarray:

@@ -227,8 +227,11 @@ class DCSolverScheduler(FastScheduler):
             solver = DPMSolverPlusPlus(c.solver_order, lower_order_final=c.lower_order_final)
         return solver
 
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu: float | None = None):
+        """``FastScheduler.set_timesteps``, then the compensation ratios for the new step count.  The signature is
+        spelled out: pipelines look for ``sigmas`` and ``timesteps`` in it before passing them."""
+        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
         c, n = self.config, self.num_inference_steps
         if c.dc_ratios is not None:
             ratios = check_ratios(c.dc_ratios, n)

@@ -79,9 +79,17 @@ class UniPC(Solver):
         off = 1 if corrector else 0  # corrector: history[0] is m_t, history[1] is m0
         coefs = [0.0] * (off + k)
         if corrector:
-            rho = np.array([0.5]) if k == 1 else self._rhos(hh, B, rks + [1.0], k)
-            coefs[0] = -scale * B * rho[-1]
-            c0 += scale * B * rho[-1]
+            if k == 1 and not math.isfinite(B):
+                # bh1 over an infinite step (from pure noise, sigma = 1 on a flow schedule): B(h) = hh is infinite,
+                # but B rho is not: with rho = g_1 / B it is g_1 = expm1(hh)/hh - 1 = -1, UniC-1's exact weight
+                # (diffusers' rho = 1/2 is its small-h value)
+                rho = np.array([(math.expm1(hh) / hh - 1) / B])
+                brho = math.expm1(hh) / hh - 1
+            else:
+                rho = np.array([0.5]) if k == 1 else self._rhos(hh, B, rks + [1.0], k)
+                brho = B * rho[-1]
+            coefs[0] = -scale * brho
+            c0 += scale * brho
         elif k == 1:
             rho = np.zeros(0)
         else:
@@ -125,8 +133,9 @@ class UniPCScheduler(FastScheduler):
                  teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
                  learned_scales: list | None = None, learned_sigmas: list | None = None):
-        if shift_terminal is not None and not use_flow_sigmas:
-            raise ValueError("shift_terminal is only supported with use_flow_sigmas=True")
+        if shift_terminal is not None and not (use_flow_sigmas or spacing == "flow_match"):
+            raise ValueError("shift_terminal is only supported on a flow schedule (use_flow_sigmas=True or "
+                             "spacing='flow_match')")
         self._setup()
 
     def make_solver(self) -> Solver:
