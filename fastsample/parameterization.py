@@ -9,6 +9,8 @@ scalar coefficients per noise level, computed in float64 and applied in one fuse
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -97,3 +99,56 @@ def convert(out: torch.Tensor, x: torch.Tensor, prediction_type: str, alpha: flo
     if want == "eps":
         return _affine(*eps_coefficients(prediction_type, alpha, sigma), x, out)
     raise ValueError(f"want must be 'x0' or 'eps', got {want!r}")
+
+
+class FlowFromVP(torch.nn.Module):
+    """A VP epsilon-prediction network as a rectified-flow velocity model on the same probability path, exactly.
+
+    The flow state x_f = (1 - s) x0 + s eps at flow time s (the model's timestep is 1000 s, as FlowMatch pipelines
+    give it) has the VE noise level sigma_ve = s / (1 - s); the VP state at that level is x_vp = x_f / sqrt((1 - s)^2
+    + s^2) (alpha x0 + sigma eps with alpha = 1 / sqrt(1 + sigma_ve^2)), at the VP time t = schedule.t_from_sigma_ve(
+    sigma_ve).  From the network's eps at (x_vp, t) the data prediction is x0 = (x_vp - sigma eps) / alpha, and the
+    velocity v = eps_f - x0 = (x_f - x0) / s.  Above the VP schedule's largest level (s > sigma_max / (1 + sigma_max),
+    0.99367 for the zoo's 1000 linear betas; FlowMatch grids start at s = 1) the network is evaluated at its noisiest
+    timestep on the same normalised input: there it predicts x0 from almost pure noise, which is the one value a
+    network trained up to that level gives.  Call it as a diffusers model: ``model(x, timestep).sample``."""
+
+    def __init__(self, unet, schedule, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.unet, self.schedule, self.num_train_timesteps = unet, schedule, num_train_timesteps
+        self.config = unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        from .schedules import F64
+
+        t = torch.as_tensor(timestep, dtype=F64).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(sample.shape[0])
+        s = (t / self.num_train_timesteps).cpu()
+        if not bool(((s > 0) & (s <= 1)).all()):
+            raise ValueError(f"flow timesteps must lie in (0, {self.num_train_timesteps}], got {t.tolist()}")
+        vp = self.schedule
+        s_max = float(vp.sigma_ve(torch.tensor(vp.t_max, dtype=F64)))
+        ve = torch.where(s < 1, s / (1 - s).clamp_min(1e-300), torch.full_like(s, math.inf)).clamp(max=s_max)
+        t_vp = vp.t_from_sigma_ve(ve)
+        alpha, sigma = vp.alpha_sigma(t_vp)
+        norm = torch.sqrt((1 - s) ** 2 + s ** 2)
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        dev, dt = sample.device, sample.dtype
+        col = lambda v: v.to(device=dev, dtype=torch.float32 if dt != torch.float64 else dt).reshape(shape)  # noqa: E731
+        x = sample.to(col(s).dtype)
+        x_vp = x / col(norm)
+        eps = self.unet(x_vp.to(dt), t_vp.to(device=dev, dtype=torch.float32), *args, **kwargs).sample.to(x.dtype)
+        x0 = (x_vp - col(sigma) * eps) / col(alpha)
+        v = ((x - x0) / col(s)).to(dt)
+        return UNet2DOutput(sample=v) if return_dict else (v,)

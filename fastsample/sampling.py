@@ -22,11 +22,13 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
     custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
     # diffusers' schedulers take only the keywords they know (DPMSolverMultistepScheduler has no sigmas=)
     scheduler.set_timesteps(None if custom else num_inference_steps, device=noise.device, **custom)
-    x = noise * scheduler.init_noise_sigma
+    # FlowMatch's schedulers have neither init_noise_sigma nor scale_model_input (their identity)
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda v, t: v)
     step_kw = {} if generator is None else {"generator": generator}  # diffusers' DEIS and UniPC take no generator
     nfe = 0
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
-        out = _output(model(scheduler.scale_model_input(x, t), t, **model_kwargs))
+        out = _output(model(scale(x, t), t, **model_kwargs))
         nfe += 1
         x = scheduler.step(out, t, x, **step_kw).prev_sample
         if callback is not None:

@@ -73,6 +73,8 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         in our keys (``flow_match_config``), and FlowMatch's keys stay in the config for the pipeline to read."""
         if config is not None and is_flow_match_config(config):
             config = flow_match_config(config)
+        elif config is not None and "shift" in config:  # our own FlowMatch-named copy of flow_shift, set again below
+            config = {k: v for k, v in dict(config).items() if k != "shift"}
         out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         model = out[0] if return_unused_kwargs else out
         if model.flow is not None:  # a stale FlowMatch ``shift`` from the source config must not win over ours

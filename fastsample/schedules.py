@@ -151,6 +151,10 @@ class RectifiedFlow(NoiseSchedule):
     def log_alpha_sigma(self, t):
         return torch.log1p(-t), torch.log(t)
 
+    def alpha_sigma(self, t):  # directly, not through the logs: exact, and differentiable at t = 1 (alpha = 0)
+        t = _f64(t)
+        return 1 - t, t
+
     def t_from_lambda(self, lam):
         return torch.sigmoid(-_f64(lam))
 

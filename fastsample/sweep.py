@@ -38,8 +38,21 @@ SCHEDULERS = {
     "diffusers-dpm++3m": ("diffusers", "DPMSolverMultistepScheduler", {"solver_order": 3}),
     "diffusers-deis": ("diffusers", "DEISMultistepScheduler", {"solver_order": 3}),
     "diffusers-unipc": ("diffusers", "UniPCMultistepScheduler", {"solver_order": 3}),
+    # diffusers' flow schedulers, for a flow task ("<zoo model>:flow"): FlowMatch's Euler and Heun on FlowMatch's grid,
+    # DPM-Solver++ and UniPC on their own use_flow_sigmas grid
+    "diffusers-fm-euler": ("diffusers", "FlowMatchEulerDiscreteScheduler", {}),
+    "diffusers-fm-heun": ("diffusers", "FlowMatchHeunDiscreteScheduler", {}),
+    "diffusers-dpm++2m-flow": ("diffusers", "DPMSolverMultistepScheduler",
+                               {"solver_order": 2, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "diffusers-dpm++3m-flow": ("diffusers", "DPMSolverMultistepScheduler",
+                               {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "diffusers-unipc-flow": ("diffusers", "UniPCMultistepScheduler",
+                             {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
-DEFAULT_SCHEDULERS = tuple(n for n in SCHEDULERS if n not in ("dpm++3m-exact", "unipc3-bh1"))
+FLOW_ONLY = ("diffusers-fm-euler", "diffusers-fm-heun", "diffusers-dpm++2m-flow", "diffusers-dpm++3m-flow",
+             "diffusers-unipc-flow")
+FLOW = ":flow"  # a task's model "<zoo model>:flow": the zoo model as a flow velocity model (zoo.load(parameterization=...))
+DEFAULT_SCHEDULERS = tuple(n for n in SCHEDULERS if n not in ("dpm++3m-exact", "unipc3-bh1") + FLOW_ONLY)
 FLOOR = "floor"          # the converged reference cell: UniPC-3 with many steps
 FLOOR_SCHEDULER = "unipc3"
 TESTBED = "testbed"
@@ -99,32 +112,59 @@ def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None
 TELEPORT_PROBES = 16  # ":teleport-auto": the fitting noises (generator 0) on which the fraction is chosen
 
 
+def artefact_name(model: str) -> str:
+    """The folder name of a task model's fitted artefacts and caches: "fmnist-large:flow" -> "fmnist-large-flow"."""
+    return model.replace(":", "-")
+
+
+def base_config_for(cls, flow: bool) -> dict:
+    """The zoo's schedule in ``cls``'s keys: the VP training config, or for a flow task FlowMatch's config
+    (``zoo.FLOW_CONFIG`` for ours, ``zoo.FLOW_SCHEDULER_CONFIG`` for diffusers' FlowMatch schedulers; diffusers'
+    other schedulers take the VP keys plus what a row adds, e.g. use_flow_sigmas and prediction_type)."""
+    from .zoo import FLOW_CONFIG, FLOW_SCHEDULER_CONFIG, SCHEDULER_CONFIG
+
+    ours = cls.__module__.startswith("fastsample")
+    if cls.__name__.startswith("FlowMatch"):
+        if not flow:
+            raise ValueError(f"{cls.__name__} is a flow scheduler: it needs a flow task (a model ending in {FLOW!r})")
+        return FLOW_SCHEDULER_CONFIG
+    return FLOW_CONFIG if (flow and ours) else SCHEDULER_CONFIG
+
+
 def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = None, weights=None,
-                         artefacts=ARTEFACTS, teleport_stats=None, model_fn=None):
+                         artefacts=ARTEFACTS, teleport_stats=None, model_fn=None, flow: bool | None = None):
     """The scheduler a sweep name stands for, on the zoo's training config.  ":dc" and ":learned" need the zoo
     ``model``'s name and the ``nfe`` they were fitted at; ":learned" checks the schedule's weights hash against
     ``weights`` (the model's module) when given.  ":teleport<F>" uses ``teleport_stats`` (a GaussianStats file),
     by default the shipped Fashion-MNIST statistics for a zoo model; ":teleport-auto" chooses F for this NFE with
-    ``solvers.teleport.choose_teleport_fraction`` on ``TELEPORT_PROBES`` fitting noises through ``model_fn``."""
+    ``solvers.teleport.choose_teleport_fraction`` on ``TELEPORT_PROBES`` fitting noises through ``model_fn``.
+    ``flow`` (default: whether ``model`` ends in ":flow"): the flow view of the zoo's models, where our schedulers take
+    ``zoo.FLOW_CONFIG`` (FlowMatch's schedule) and only diffusers' flow schedulers (``FLOW_ONLY``) are allowed."""
     base, variant, argument = parse_scheduler_name(name)
     import diffusers
 
     import fastsample.solvers
 
-    from .zoo import MODELS_DIR, SCHEDULER_CONFIG
+    from .zoo import MODELS_DIR
 
+    flow = bool(model and model.endswith(FLOW)) if flow is None else flow
     source, cls_name, cfg = SCHEDULERS[base]
+    if source == "diffusers" and (base in FLOW_ONLY) != flow:
+        raise ValueError(f"scheduler {name!r} is a diffusers {'flow' if base in FLOW_ONLY else 'VP'} scheduler; "
+                         f"this task is {'a flow' if flow else 'VP'} model ({model!r}): use one of "
+                         f"{[n for n in SCHEDULERS if SCHEDULERS[n][0] == 'ours' or (n in FLOW_ONLY) == flow]}")
     cls = getattr(fastsample.solvers if source == "ours" else diffusers, cls_name)
+    base_config = base_config_for(cls, flow)
     if variant is None:
-        return cls(**SCHEDULER_CONFIG, **cfg)
+        return cls(**{**base_config, **cfg})
     if variant == "spacing":
-        return cls(**SCHEDULER_CONFIG, **cfg, spacing=argument)
+        return cls(**base_config, **cfg, spacing=argument)
     if variant == "teleport":
         if teleport_stats is None and (model is None or model == TESTBED):
             raise ValueError(f"scheduler {name!r} needs teleport statistics or a zoo model, got model {model!r}")
         stats = str(teleport_stats if teleport_stats is not None else MODELS_DIR / "fmnist-gaussian.safetensors")
         if argument != "auto":
-            return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=stats, teleport_fraction=argument)
+            return cls(**base_config, **cfg, teleport_stats=stats, teleport_fraction=argument)
         if model_fn is None or nfe is None:
             raise ValueError(f"scheduler {name!r} chooses its fraction with the model: pass model_fn and nfe")
         from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
@@ -132,13 +172,13 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
         gauss = GaussianStats.load(stats)
         probes = torch.randn(TELEPORT_PROBES, *gauss.shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            fraction, _ = choose_teleport_fraction(model_fn, cls(**SCHEDULER_CONFIG, **cfg), gauss, nfe, probes)
-        return cls(**SCHEDULER_CONFIG, **cfg, teleport_stats=stats, teleport_fraction=fraction)
+            fraction, _ = choose_teleport_fraction(model_fn, cls(**base_config, **cfg), gauss, nfe, probes)
+        return cls(**base_config, **cfg, teleport_stats=stats, teleport_fraction=fraction)
     if model is None or model == TESTBED:
         raise ValueError(f"scheduler {name!r} needs a zoo model's fitted artefacts, got model {model!r}")
     artefacts = Path(artefacts)
     if variant == "dc":
-        folder = artefacts / "dc" / model / f"nfe{nfe}-cfg1"
+        folder = artefacts / "dc" / artefact_name(model) / f"nfe{nfe}-cfg1"
         if not (folder / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"no DC-Solver fit for {model} at NFE {nfe} ({folder}); fit it with: "
                                     f"python scripts/fit_dc.py --model {model} --nfe {nfe}")
@@ -149,13 +189,14 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
         return scheduler
     from fastsample.solvers.learned_schedule import LearnedSchedule, model_hash
 
-    path = artefacts / "schedules" / model / f"{LEARNED_STEMS[base]}-nfe{nfe}{argument}.json"
+    path = artefacts / "schedules" / artefact_name(model) / f"{LEARNED_STEMS[base]}-nfe{nfe}{argument}.json"
     if not path.is_file():
         order = cfg["solver_order"]
         solver = {"DPMSolverPlusPlusScheduler": "dpmsolver++", "UniPCScheduler": "unipc", "DEISScheduler": "deis"}
         raise FileNotFoundError(f"no learned schedule for {model} at NFE {nfe} ({path}); fit it with: python "
                                 f"scripts/learn_schedule.py --model {model} --scheduler {solver[cls_name]} "
-                                f"--order {order} --nfe {nfe} --out {path.parent}")
+                                f"--order {order} --nfe {nfe} --out {path.parent}"
+                                + (" --parameterization flow" if flow else ""))
     schedule = LearnedSchedule.load(path)
     if weights is not None and schedule.model_hash != model_hash(weights):
         raise ValueError(f"{path} was learned for other weights (hash {schedule.model_hash!r}, the model's is "
@@ -165,7 +206,7 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
         teleport = {"teleport_stats": str(teleport_stats if teleport_stats is not None
                                           else MODELS_DIR / "fmnist-gaussian.safetensors"),
                     "teleport_fraction": schedule.extra["teleport_fraction"]}
-    return schedule.scheduler(cls(**SCHEDULER_CONFIG, **cfg, **teleport))
+    return schedule.scheduler(cls(**base_config, **cfg, **teleport))
 
 
 def noise_for(indices, shape, seed: int) -> torch.Tensor:
@@ -279,14 +320,13 @@ def resolve_folder(folder: str, nfe: int) -> Path:
 
 def build_scheduler(spec: dict, task: "Task", nfe: int):
     """The scheduler a canonical row stands for, at this NFE, for ``task``'s model."""
-    from .zoo import SCHEDULER_CONFIG
-
     if "name" in spec:
         name = FLOOR_SCHEDULER if spec["name"] == FLOOR else spec["name"]
         return make_named_scheduler(name, task.name, nfe, task.unet, teleport_stats=task.teleport_stats,
-                                    model_fn=task.model)
+                                    model_fn=task.model, flow=task.flow)
     if "class" in spec:
-        return _scheduler_class(spec["class"])(**{**SCHEDULER_CONFIG, **spec["kwargs"]})
+        cls = _scheduler_class(spec["class"])
+        return cls(**{**base_config_for(cls, task.flow), **spec["kwargs"]})
     folder = resolve_folder(spec["folder"], nfe)
     cls_name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name")
     for module in SCHEDULER_MODULES:
@@ -330,6 +370,8 @@ class Task:
         from fastsample.solvers.learned_schedule import model_hash
 
         self.name, self.device = model, device
+        self.flow = model.endswith(FLOW)
+        base = model[: -len(FLOW)] if self.flow else model
         if not isinstance(reference_steps, int) or reference_steps < 2:
             raise ValueError(f"reference_steps must be an integer >= 2, got {reference_steps!r}")
         self.reference_steps = reference_steps
@@ -352,12 +394,14 @@ class Task:
             GaussianStats(mean, evecs.flip(1).contiguous(), evals.flip(0).clamp_min(0).contiguous(),
                           self.shape).save(self.teleport_stats)
             return
-        if model not in zoo.MODEL_CONFIGS:
-            raise ValueError(f"model must be one of {(TESTBED,) + tuple(zoo.MODEL_CONFIGS)}, got {model!r}")
-        if zoo.MODEL_CONFIGS[model][1]:
+        if base not in zoo.MODEL_CONFIGS:
+            raise ValueError(f"model must be one of {(TESTBED,) + tuple(zoo.MODEL_CONFIGS)}, or a zoo model with "
+                             f"{FLOW!r} (its flow view), got {model!r}")
+        if zoo.MODEL_CONFIGS[base][1]:
             raise ValueError(f"model {model!r} is class-conditional; sweep an unconditional one "
                              f"({', '.join(n for n, c in zoo.MODEL_CONFIGS.items() if not c[1])})")
-        self.unet, self.teleport_stats = zoo.load(model, device=device), None
+        self.unet = zoo.load(base, device=device, parameterization="flow" if self.flow else "epsilon")
+        self.teleport_stats = None
         self.weights = model_hash(self.unet)
         self.shape, self.metrics = (1, 32, 32), ("fid", "rmse")
         self.model = lambda x, t: self.unet(x, t).sample
@@ -385,7 +429,7 @@ class Task:
 
         small = spec["tstitch"]["small"]
         if small not in self._small:
-            self._small[small] = zoo.load(small, device=self.device)
+            self._small[small] = zoo.load(small, device=self.device, parameterization="flow" if self.flow else "epsilon")
         fraction = spec["tstitch"]["fraction"]
         stitched = self._small[small] if fraction == 1 else StitchedModel([self._small[small], self.unet], [fraction])
         fn = lambda x, t: stitched(x, t).sample  # noqa: E731
@@ -405,14 +449,16 @@ class Task:
 
         from .results import save_tensors_atomic
 
-        path = self.cache_dir / f"{self.name}-{self.weights}-seed{seed}-unipc3x{self.reference_steps}.safetensors"
+        path = self.cache_dir / (f"{artefact_name(self.name)}-{self.weights}-seed{seed}-unipc3x"
+                                 f"{self.reference_steps}.safetensors")
         have = load_file(str(path))["x"] if path.is_file() else torch.zeros(0, *self.shape)
         while len(have) < num:
             idx = range(len(have), min(num, len(have) + batch_size))
             start = time.time()
             with torch.no_grad():
                 x, _ = sample(self.model, noise_for(idx, self.shape, seed).to(self.device),
-                              make_named_scheduler(FLOOR_SCHEDULER), self.reference_steps, progress=False)
+                              make_named_scheduler(FLOOR_SCHEDULER, flow=self.flow), self.reference_steps,
+                              progress=False)
             have = torch.cat([have, x.float().cpu()])
             save_tensors_atomic({"x": have}, path)
             if log:

@@ -182,7 +182,10 @@ class GaussianMixture:
         a, s = self.schedule.alpha_sigma(tt)  # tensors: the output is differentiable in t (learned schedules)
         shape, dtype = x.shape, x.dtype
         xf = x.reshape(shape[0], -1).to(F64)
-        x0 = self.denoise(xf / a, s / a)
+        if a == 0:  # pure noise (a flow model at t = 1): x carries nothing, E[x0 | x] is the data mean
+            x0 = (self.weights[:, None] * self.means).sum(0).expand_as(xf)
+        else:
+            x0 = self.denoise(xf / a, s / a)
         eps = (xf - a * x0) / s
         return output_from(self.prediction_type, x0, eps, a, s).reshape(shape).to(dtype)
 

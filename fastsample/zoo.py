@@ -31,6 +31,12 @@ MODEL_CONFIGS = {
 NULL_LABEL = 10
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                         prediction_type="epsilon")
+# the flow view of the same models (load(..., parameterization="flow")): FlowMatchEulerDiscreteScheduler's config,
+# shift 1 (the path is the models' own; a shift only moves the grid), and the same schedule in our schedulers' keys
+# (what OurScheduler.from_config(FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG).config) gives)
+FLOW_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+FLOW_CONFIG = dict(num_train_timesteps=1000, prediction_type="flow_prediction", spacing="flow_match", flow_shift=1.0,
+                   final_sigmas_type="zero")
 
 
 def check_name(name: str) -> str:
@@ -50,8 +56,16 @@ def available() -> list[str]:
     return [n for n in MODEL_CONFIGS if (MODELS_DIR / n / "config.json").is_file()]
 
 
-def load(name: str, device=None, dtype=None):
-    """The shipped model ``name`` (EMA weights) as a diffusers UNet2DModel in eval mode."""
+PARAMETERIZATIONS = ("epsilon", "flow")
+
+
+def load(name: str, device=None, dtype=None, parameterization: str = "epsilon"):
+    """The shipped model ``name`` (EMA weights) as a diffusers UNet2DModel in eval mode.  ``parameterization=
+    "flow"``: the same network as a rectified-flow velocity model on the same probability path
+    (``fastsample.parameterization.FlowFromVP``), for flow schedulers (FlowMatch configs, ``prediction_type=
+    "flow_prediction"``) with timesteps 1000 s."""
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
     import torch
     from diffusers import UNet2DModel
 
@@ -67,4 +81,11 @@ def load(name: str, device=None, dtype=None):
     # 2 cores, batch 250); the outputs differ by float32 round-off and keep the caller's layout.  torch's own
     # Module.to: diffusers' override warns about dtype casts on any call, and this one casts nothing
     torch.nn.Module.to(model, memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if parameterization == "flow":
+        from .parameterization import FlowFromVP
+        from .schedules import DiscreteVP
+
+        return FlowFromVP(model, DiscreteVP.from_betas_config(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                                                  if k != "prediction_type"})).eval()
+    return model

@@ -218,6 +218,11 @@ class FKCSampler:
         grid, steps = sched._grid, sched.num_inference_steps
         if sched._teleport_from is not None:
             raise ValueError("FKCSampler does not teleport: use a scheduler without teleport_stats")
+        if grid.alpha[0] == 0:
+            raise ValueError("FKCSampler combines the models' scores, which carry nothing at flow sigma 1 (alpha = 0, "
+                             f"where this grid starts: {sched.sigmas[:3].tolist()}...): use a flow grid that starts "
+                             "below 1, e.g. use_flow_sigmas=True with a noise-prediction algorithm_type ('dpmsolver'), "
+                             "which starts one training step below 1")
         solver = self.solver
         cdt = torch.float64 if noise.dtype == torch.float64 else torch.float32
         x = noise.to(cdt) * (sched.init_noise_sigma / math.sqrt(self.precision_factor))

@@ -33,7 +33,7 @@ def teacher(model, noise, scheduler, args, which: str, unet, model_kwargs):
 
     from fastsample.results import save_tensors_atomic
 
-    key = (f"{args.model}-{model_hash(unet)}-{args.scheduler}{args.order}-fine{args.fine_steps}-seed{args.seed}-"
+    key = (f"{args.model}{'-flow' if args.parameterization == 'flow' else ''}-{model_hash(unet)}-{args.scheduler}{args.order}-fine{args.fine_steps}-seed{args.seed}-"
            f"{which}{len(noise)}-of{args.num}-cfg{args.guidance_scale if model_kwargs else 1:g}")
     path = TEACHERS / f"{key}.safetensors"
     if path.is_file():
@@ -70,10 +70,14 @@ def main(argv=None):
     p.add_argument("--teleport-fraction", type=float, default=None,
                    help="gradient: teleport this share of the steps with the shipped Fashion-MNIST statistics and fit "
                         "the steps left (against the converged solve over the full interval)")
+    p.add_argument("--parameterization", default="epsilon", choices=zoo.PARAMETERIZATIONS,
+                   help="flow: fit on the model's flow view (zoo.load(..., parameterization='flow'), FlowMatch's grid)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    unet = zoo.load(args.model)
+    unet = zoo.load(args.model, parameterization=args.parameterization)
+    flow = args.parameterization == "flow"
+    config = zoo.FLOW_CONFIG if flow else zoo.SCHEDULER_CONFIG
     classes = zoo.MODEL_CONFIGS[args.model][1]
     g = torch.Generator().manual_seed(args.seed)
     train = torch.randn(args.num, 1, 32, 32, generator=g)
@@ -90,11 +94,11 @@ def main(argv=None):
     options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
                "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every}
 
-    out = Path(args.out or f"schedules/{args.model}")
+    out = Path(args.out or f"schedules/{args.model}{'-flow' if flow else ''}")
     out.mkdir(parents=True, exist_ok=True)
     # the held-out teacher, once for every NFE: 4 UniPC-3 steps through each interval of the fine grid, the interval
     # every learned schedule spans (its levels are fine-grid levels)
-    sch = make_scheduler(args.scheduler, **zoo.SCHEDULER_CONFIG, solver_order=args.order)
+    sch = make_scheduler(args.scheduler, **config, solver_order=args.order)
     sch.set_timesteps(args.fine_steps)
     start = time.time()
     reference = teacher(model, held_out, sch, args, "held-out", unet, held_kw)
@@ -114,7 +118,7 @@ def main(argv=None):
         teleport = {"teleport_stats": str(zoo.MODELS_DIR / "fmnist-gaussian.safetensors"),
                     "teleport_fraction": args.teleport_fraction}
     for nfe in args.nfe:
-        sch = make_scheduler(args.scheduler, **zoo.SCHEDULER_CONFIG, solver_order=args.order, **teleport)
+        sch = make_scheduler(args.scheduler, **config, solver_order=args.order, **teleport)
         start = time.time()
         s = learn_schedule(model, sch, train, nfe, method=args.method, fine_steps=args.fine_steps,
                            gradient_options=options if args.method == "gradient" else None, **train_kw)

@@ -19,6 +19,8 @@ scheduler carries them as ``learned_scales``.
 """
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -227,7 +229,9 @@ class _Program:
         self.solver, self.schedule, self.Grid = solver, scheduler.schedule, Grid
         self.prediction_type = scheduler.config.prediction_type
         self.model_time = scheduler.model_time
-        self.start, self.end = grid.sigma[0] / grid.alpha[0], grid.sigma[-1] / grid.alpha[-1]
+        # VE levels of the fixed ends; a flow grid's first level (sigma = 1, alpha = 0) is VE level inf
+        self.start = grid.sigma[0] / grid.alpha[0] if grid.alpha[0] > 0 else float("inf")
+        self.end = grid.sigma[-1] / grid.alpha[-1]
         self.keep = solver.solver_order + (1 if solver.has_corrector else 0)
         self.n = grid.num_steps
         self.steps, prev = [], None  # per step: (corrector order or None, predictor order, #coefs of each)
@@ -329,9 +333,16 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
         cap = lam[-1]
     else:  # the last step goes to sigma = 0: the inner levels stay at or below the trained range's end
         t_min = torch.tensor(scheduler.schedule.t_min, dtype=torch.float64)
-        cap = max(max(v for v in lam if math.isfinite(v)), float(scheduler.schedule.lam(t_min)))
+        end = float(scheduler.schedule.lam(t_min))  # a flow schedule's t_min = 0 is clean data: no cap there
+        cap = max([v for v in lam if math.isfinite(v)] + ([end] if math.isfinite(end) else []))
     program = _Program(scheduler, grid)
-    gaps = torch.tensor([b - a for a, b in zip(lam[:-1], lam[1:-1] + [cap])], dtype=torch.float64).clamp_min(1e-3)
+    # the inner levels lie between the first level and the cap; a flow grid's first level is pure noise (lambda =
+    # -inf), and there they lie below the level one training step short of it, t = 1 - 1/T
+    lo = lam[0]
+    if not math.isfinite(lo):
+        top = 1.0 - 1.0 / scheduler.config.num_train_timesteps
+        lo = min(float(scheduler.schedule.lam(torch.tensor(top, dtype=torch.float64))), lam[1] - 1e-3)
+    gaps = torch.tensor([b - a for a, b in zip([lo] + lam[1:-1], lam[1:-1] + [cap])], dtype=torch.float64).clamp_min(1e-3)
     theta = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
     x_T = scheduler.prepare_latents(noise, n) if teleported else noise * scheduler.init_noise_sigma
     delta = torch.zeros_like(x_T, requires_grad=True)
@@ -345,7 +356,7 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
     def inner(th):  # no step shorter than 1e-6 of the span, so a wild iterate cannot make a zero-length step
         w = torch.softmax(th, 0).clamp_min(1e-6)
         frac = torch.cumsum(w / w.sum(), 0)[:-1]
-        return lam[0] + (cap - lam[0]) * frac
+        return lo + (cap - lo) * frac
 
     if validation is not None:  # (noise, the teacher's end points from it): the iterate is chosen on these
         val_noise, val_target = validation
@@ -428,4 +439,4 @@ def _scheduler_units(scheduler, levels_ve) -> list:
     """VE sigmas -> the units of ``scheduler.sigmas`` (VE sigma for VP models, t for flow models)."""
     if scheduler.flow is None:
         return [float(v) for v in levels_ve]
-    return [float(v / (1 + v)) for v in levels_ve]
+    return [1.0 if math.isinf(v) else float(v / (1 + v)) for v in levels_ve]  # VE inf: the flow's pure noise

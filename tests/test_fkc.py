@@ -218,3 +218,31 @@ def test_bad_sample_input():
         s.sample(torch.randn(10, 3), 5, num_particles=3, uncond={})
     with pytest.raises(ValueError, match="uncond"):
         s.sample(torch.randn(10, 3), 5)
+
+
+@pytest.mark.parametrize("target", ["product", "anneal", "cfg"])
+def test_fkc_on_a_flow_schedule(target):
+    """The same exactness on rectified flow: flow-prediction testbeds, the weights on the flow schedule's lambdas,
+    a grid from one training step below sigma = 1; a grid that starts at sigma = 1 (scores carry nothing there) is
+    a clear error."""
+    from fastsample import zoo
+    from fastsample.schedules import RectifiedFlow
+    from fastsample.solvers import DPMSolverPlusPlusScheduler
+    from fastsample.testbeds import ConditionalPair
+
+    models, exact, options, call = fkc_case(target, 2, schedule=RectifiedFlow(t_min=0.0))
+    for m in models:
+        for part in ([m.uncond_model, m.cond_model] if isinstance(m, ConditionalPair) else [m]):
+            part.prediction_type, part.time_scale = "flow_prediction", 1000.0
+    sch = DPMSolverPlusPlusScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver")
+
+    def tv(weighted):
+        g = torch.Generator().manual_seed(0)
+        out = FKCSampler(models, target, scheduler=sch, weighted=weighted, **options).sample(
+            torch.randn(2000, 2, generator=g, dtype=torch.float64), 200, generator=g, **call)
+        return 0.5 * float((exact.component_shares(out.samples, out.weights) - exact.weights).abs().sum())
+
+    assert tv(True) < 0.05 and tv(False) > 0.1
+    with pytest.raises(ValueError, match="carry nothing at flow sigma 1"):
+        FKCSampler(models, target, scheduler=DPMSolverPlusPlusScheduler(**zoo.FLOW_CONFIG), **options).sample(
+            torch.randn(8, 2, dtype=torch.float64), 10, **call)
