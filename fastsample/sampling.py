@@ -38,13 +38,11 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
 
 
 def make_scheduler(name: str, **config):
-    from fastsample.solvers import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+    """A registered scheduler by name (``fastsample.registry``: a solver such as "unipc", an alias such as "dpm",
+    or a variant such as "unipc3"), with ``config`` over the variant's options."""
+    from .registry import make_scheduler as registered
 
-    table = {"dpmsolver++": DPMSolverPlusPlusScheduler, "dpm": DPMSolverPlusPlusScheduler, "deis": DEISScheduler,
-             "unipc": UniPCScheduler}
-    if name not in table:
-        raise ValueError(f"scheduler name must be one of {tuple(table)}, got {name!r}")
-    return table[name](**config)
+    return registered(name, **config)
 
 
 def integrate(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsilon", model_time=None,

@@ -24,15 +24,15 @@ import torch
 from .results import read_records  # noqa: F401  (the sweep's reader, re-exported)
 from .sampling import sample
 
-# name: (source, class name, config).  Ours and diffusers' versions of the same methods, on the zoo's training config.
-SCHEDULERS = {
-    "ddim": ("ours", "DPMSolverPlusPlusScheduler", {"solver_order": 1}),
-    "dpm++2m": ("ours", "DPMSolverPlusPlusScheduler", {"solver_order": 2}),
-    "dpm++3m": ("ours", "DPMSolverPlusPlusScheduler", {"solver_order": 3}),
-    "dpm++3m-exact": ("ours", "DPMSolverPlusPlusScheduler", {"solver_order": 3, "third_order": "exact"}),
-    "deis-tab3": ("ours", "DEISScheduler", {"solver_order": 3}),
-    "unipc3": ("ours", "UniPCScheduler", {"solver_order": 3}),
-    "unipc3-bh1": ("ours", "UniPCScheduler", {"solver_order": 3, "solver_type": "bh1"}),  # DC-Solver's base
+# name: (source, class name, config).  Ours are the registry's variants (fastsample.registry: every registered
+# scheduler's named configurations); diffusers' versions of the same methods are listed here, on the zoo's config.
+def _ours() -> dict:
+    from .registry import variants
+
+    return {name: ("ours", info.scheduler.__name__, dict(v.options)) for name, (info, v) in variants().items()}
+
+
+DIFFUSERS_SCHEDULERS = {
     "diffusers-ddim": ("diffusers", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
     "diffusers-dpm++2m": ("diffusers", "DPMSolverMultistepScheduler", {"solver_order": 2}),
     "diffusers-dpm++3m": ("diffusers", "DPMSolverMultistepScheduler", {"solver_order": 3}),
@@ -49,10 +49,22 @@ SCHEDULERS = {
     "diffusers-unipc-flow": ("diffusers", "UniPCMultistepScheduler",
                              {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
+
+
+def schedulers() -> dict:
+    """Every scheduler name of the sweep: the registry's variants (as registered now) and diffusers' peers."""
+    return {**_ours(), **DIFFUSERS_SCHEDULERS}
+
+
+def ours() -> tuple:
+    return tuple(_ours())
+
+
 FLOW_ONLY = ("diffusers-fm-euler", "diffusers-fm-heun", "diffusers-dpm++2m-flow", "diffusers-dpm++3m-flow",
              "diffusers-unipc-flow")
 FLOW = ":flow"  # a task's model "<zoo model>:flow": the zoo model as a flow velocity model (zoo.load(parameterization=...))
-DEFAULT_SCHEDULERS = tuple(n for n in SCHEDULERS if n not in ("dpm++3m-exact", "unipc3-bh1") + FLOW_ONLY)
+DEFAULT_SCHEDULERS = ("ddim", "dpm++2m", "dpm++3m", "deis-tab3", "unipc3", "diffusers-ddim", "diffusers-dpm++2m",
+                      "diffusers-dpm++3m", "diffusers-deis", "diffusers-unipc")
 FLOOR = "floor"          # the converged reference cell: UniPC-3 with many steps
 FLOOR_SCHEDULER = "unipc3"
 TESTBED = "testbed"
@@ -69,7 +81,6 @@ REFERENCE_CACHE = Path.home() / ".cache" / "fastsample" / "references"  # conver
 #                         Fashion-MNIST statistics: N steps, fewer model calls (the record's model_calls)
 DC_BASES = {"unipc3": "unipc"}
 LEARNED_STEMS = {"unipc3": "unipc3", "dpm++3m": "dpmsolver++3", "dpm++2m": "dpmsolver++2", "deis-tab3": "deis3"}
-OURS = tuple(n for n, (source, _, _) in SCHEDULERS.items() if source == "ours")
 ARTEFACTS = Path(__file__).resolve().parent.parent  # the checkout: dc/ and schedules/ beside the package
 
 
@@ -78,17 +89,18 @@ def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None
     fraction or the learned schedule's file suffix; a clear error for anything else."""
     from .timesteps import SPACINGS
 
-    choices = (f"one of {tuple(SCHEDULERS)}, or <base>:dc (base in {tuple(DC_BASES)}), <base>:learned[-<fit>] "
+    table, mine = schedulers(), ours()
+    choices = (f"one of {tuple(table)}, or <base>:dc (base in {tuple(DC_BASES)}), <base>:learned[-<fit>] "
                f"(base in {tuple(LEARNED_STEMS)}), <base>:<spacing> (spacing in {SPACINGS}) or <base>:teleport<F> "
-               f"(base in {OURS}, 0 < F < 1, or F = -auto)")
+               f"(base in {mine}, 0 < F < 1, or F = -auto)")
     base, _, variant = str(name).partition(":")
-    if base not in SCHEDULERS or (variant and not variant.startswith(("dc", "learned", "teleport"))
+    if base not in table or (variant and not variant.startswith(("dc", "learned", "teleport"))
                                   and variant not in SPACINGS):
         raise ValueError(f"scheduler must be {choices}, got {name!r}")
     if not variant:
         return base, None, None
     if variant in SPACINGS:
-        if base not in OURS:
+        if base not in mine:
             raise ValueError(f"scheduler must be {choices}, got {name!r}")
         return base, "spacing", variant
     if variant == "dc" or variant.startswith("learned"):
@@ -97,14 +109,14 @@ def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None
             raise ValueError(f"scheduler must be {choices}, got {name!r}")
         return (base, "dc", None) if variant == "dc" else (base, "learned", suffix)
     if variant == "teleport-auto":
-        if base not in OURS:
+        if base not in mine:
             raise ValueError(f"scheduler must be {choices}, got {name!r}")
         return base, "teleport", "auto"
     try:
         fraction = float(variant[len("teleport"):])
     except ValueError:
         raise ValueError(f"scheduler must be {choices}, got {name!r}") from None
-    if base not in OURS or not 0 < fraction < 1:
+    if base not in mine or not 0 < fraction < 1:
         raise ValueError(f"scheduler must be {choices}, got {name!r}")
     return base, "teleport", fraction
 
@@ -148,12 +160,18 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
     from .zoo import MODELS_DIR
 
     flow = bool(model and model.endswith(FLOW)) if flow is None else flow
-    source, cls_name, cfg = SCHEDULERS[base]
+    table = schedulers()
+    source, cls_name, cfg = table[base]
     if source == "diffusers" and (base in FLOW_ONLY) != flow:
         raise ValueError(f"scheduler {name!r} is a diffusers {'flow' if base in FLOW_ONLY else 'VP'} scheduler; "
                          f"this task is {'a flow' if flow else 'VP'} model ({model!r}): use one of "
-                         f"{[n for n in SCHEDULERS if SCHEDULERS[n][0] == 'ours' or (n in FLOW_ONLY) == flow]}")
-    cls = getattr(fastsample.solvers if source == "ours" else diffusers, cls_name)
+                         f"{[n for n in table if table[n][0] == 'ours' or (n in FLOW_ONLY) == flow]}")
+    if source == "ours":
+        from .registry import variants
+
+        cls = variants()[base][0].scheduler
+    else:
+        cls = getattr(diffusers, cls_name)
     base_config = base_config_for(cls, flow)
     if variant is None:
         return cls(**{**base_config, **cfg})

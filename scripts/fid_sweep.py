@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastsample.sweep import DEFAULT_SCHEDULERS, SCHEDULERS, render, run_plan, run_sweep
+from fastsample.sweep import DEFAULT_SCHEDULERS, render, run_plan, run_sweep, schedulers
 
 
 def main(argv=None):
@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--metric", default=None, help="fid or rmse on a zoo model (default fid); trajectory_error or "
                    "rmse on the testbed (default trajectory_error)")
     p.add_argument("--schedulers", nargs="+", default=list(DEFAULT_SCHEDULERS),
-                   help=f"rows: from {', '.join(SCHEDULERS)}; variants fitted for the model (unipc3:dc, "
+                   help=f"rows: from {', '.join(schedulers())}; variants fitted for the model (unipc3:dc, "
                    "<base>:learned[-<fit>], <base>:teleport<F>); scheduler folders; or Class{json kwargs}")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20])
     p.add_argument("--num", type=int, default=5000, help="samples a cell")

@@ -44,10 +44,17 @@ def teacher(model, noise, scheduler, args, which: str, unet, model_kwargs):
     return x
 
 
+def scheduler_choices() -> tuple:
+    """The registered solvers whose schedules can be learned (deterministic: fastsample.registry)."""
+    from fastsample.registry import solvers
+
+    return tuple(info.name for info in solvers() if info.name != "dc")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fmnist-large", choices=tuple(zoo.MODEL_CONFIGS))
-    p.add_argument("--scheduler", default="unipc", choices=("unipc", "dpmsolver++", "deis"))
+    p.add_argument("--scheduler", default="unipc", choices=scheduler_choices())
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
     p.add_argument("--guidance-scale", type=float, default=3.0, help="conditional model only")

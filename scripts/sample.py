@@ -45,12 +45,19 @@ def make_model(name, num, size, guidance_scale):
     return lambda x, t: unet(x, t).sample
 
 
+def scheduler_choices() -> tuple:
+    """Every registered scheduler name (fastsample.registry): solvers, aliases and variants."""
+    from fastsample.registry import all_names
+
+    return tuple(all_names())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fmnist-large" if "fmnist-large" in zoo.available() else "shapes",
                    choices=MODELS)
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (fmnist-cond)")
-    p.add_argument("--scheduler", default="unipc", choices=("unipc", "dpmsolver++", "deis"))
+    p.add_argument("--scheduler", default="unipc", choices=scheduler_choices())
     p.add_argument("--order", type=int, default=None, help="solver_order (default: the scheduler's)")
     p.add_argument("--nfe", type=int, default=10, help="model calls (= inference steps)")
     p.add_argument("--num", type=int, default=16, help="number of images")

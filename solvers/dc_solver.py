@@ -240,3 +240,9 @@ class DCSolverScheduler(FastScheduler):
         else:
             ratios = [1.0] * n
         self.solver.compensation = DynamicCompensation(ratios, c.dc_order)
+
+
+from fastsample.registry import Variant, register  # noqa: E402
+
+# with no ratios (all 1) DC-Solver is its base, UniPC-3 bh1; fitted ratios come from fit_dc_ratios or a CPR
+register("dc", DCSolverScheduler, variants=[Variant("dc-unipc3", {"solver_order": 3}, 4)])

@@ -96,3 +96,10 @@ class DEISScheduler(FastScheduler):
     def make_solver(self) -> Solver:
         c = self.config
         return DEIS(c.solver_order, c.deis_type or c.solver_type, c.lower_order_final, self.schedule.t_from_lambda)
+
+
+from fastsample.registry import Variant, register  # noqa: E402
+
+register("deis", DEISScheduler, diffusers_peer="DEISMultistepScheduler", peer_options={"solver_type": "logrho"},
+         variants=[Variant("deis-tab3", {"solver_order": 3}, 3),
+                   Variant("deis-logrho3", {"solver_order": 3, "solver_type": "logrho"}, 3)])

@@ -156,3 +156,14 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
         lam = -torch.as_tensor(self.vp.log_sigmas)
         clipped = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(self.config.lambda_min_clipped, dtype=lam.dtype)))
         return self.config.num_train_timesteps - clipped
+
+
+from fastsample.registry import Variant, register  # noqa: E402
+
+register("dpmsolver++", DPMSolverPlusPlusScheduler, aliases=("dpm",), diffusers_peer="DPMSolverMultistepScheduler",
+         variants=[Variant("ddim", {"solver_order": 1}, 1), Variant("dpm++2m", {"solver_order": 2}, 2),
+                   Variant("dpm++2m-heun", {"solver_order": 2, "solver_type": "heun"}, 2),
+                   # the official code's (and diffusers') 3M weights are second order (see the module docstring)
+                   Variant("dpm++3m", {"solver_order": 3}, 2),
+                   Variant("dpm++3m-exact", {"solver_order": 3, "third_order": "exact"}, 3),
+                   Variant("sde-dpm++2m", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, None)])

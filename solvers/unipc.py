@@ -141,3 +141,13 @@ class UniPCScheduler(FastScheduler):
     def make_solver(self) -> Solver:
         c = self.config
         return UniPC(c.solver_order, c.solver_type, c.predict_x0, c.lower_order_final, list(c.disable_corrector))
+
+
+from fastsample.registry import Variant, register  # noqa: E402
+
+# UniC raises the predictor's order by one
+register("unipc", UniPCScheduler, diffusers_peer="UniPCMultistepScheduler",
+         variants=[Variant("unipc1", {"solver_order": 1}, 2), Variant("unipc2", {"solver_order": 2}, 3),
+                   Variant("unipc2-bh1", {"solver_order": 2, "solver_type": "bh1"}, 3),
+                   Variant("unipc3", {"solver_order": 3}, 4),
+                   Variant("unipc3-bh1", {"solver_order": 3, "solver_type": "bh1"}, 4)])

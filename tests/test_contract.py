@@ -6,7 +6,9 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from conftest import rel_err, run_loop, smooth_model
 from fastsample.solvers import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
 
-CLASSES = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler]
+from fastsample.registry import solvers  # noqa: E402
+
+CLASSES = [info.scheduler for info in solvers()]  # every registered scheduler
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -41,7 +41,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from fastsample.solvers import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler  # noqa: E402
 
-OURS = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler]
+from fastsample.registry import solvers  # noqa: E402
+
+OURS = [info.scheduler for info in solvers()]  # every registered scheduler
 THEIRS = [DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler,
           DDIMScheduler]
 # ours (with the options under which it claims to equal diffusers) -> the diffusers scheduler it replaces

@@ -167,3 +167,27 @@ def test_choose_teleport_fraction(gauss_testbed):
     other = GaussianMixture.random(dim=64, components=4, seed=1, spread=3.0, schedule=DiscreteVP(make_betas()))
     frac2, errors2 = choose_teleport_fraction(other, UniPCScheduler(), stats, 10, probes, tol=0.05)
     assert frac2 < 0.9 and errors2[-1] > 0.05
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_teleport_on_a_flow_schedule(cls, gauss_testbed):
+    """FlowMatch's schedule from sigma = 1: the closed form jumps from pure noise (alpha = 0) to the first kept level,
+    and on Gaussian data that is exact: no worse than the full solve, better than as few plain steps."""
+    from fastsample import zoo
+    from fastsample.sampling import reference_states
+    from fastsample.schedules import RectifiedFlow
+
+    vp, path = gauss_testbed
+    model = GaussianMixture(vp.means, vp.covs, vp.weights, schedule=RectifiedFlow(t_min=0.0),
+                            prediction_type="flow_prediction", time_scale=1000.0)
+    noise = torch.randn(50, 64, generator=torch.Generator().manual_seed(1), dtype=F64)
+    full = cls(**zoo.FLOW_CONFIG)
+    full.set_timesteps(10)
+    ref = reference_states(model, noise, full)[-1]
+    err = lambda x: float((x - ref).norm() / ref.norm())  # noqa: E731
+    tele = cls(**zoo.FLOW_CONFIG, teleport_stats=str(path), teleport_fraction=0.3)
+    x, calls = sample(model, tele.prepare_latents(noise, 10), tele, 10, progress=False)
+    assert calls == 7 and tele.teleport_origin == (0.0, 1.0)
+    x10, _ = sample(model, noise, cls(**zoo.FLOW_CONFIG), 10, progress=False)
+    x7, _ = sample(model, noise, cls(**zoo.FLOW_CONFIG), 7, progress=False)
+    assert err(x) <= 1.05 * err(x10) and err(x) < err(x7), (err(x), err(x10), err(x7))
