@@ -188,6 +188,9 @@ class DCSolverScheduler(FastScheduler):
     predicts the ratios for any step count at ``cpr_guidance_scale``.  With neither, every ratio is 1: the base
     solver exactly."""
 
+    # a peer's solver_type (DPM's midpoint/heun, DEIS's logrho/tab) maps to DC's default base, UniPC bh1
+    _peer_values = {"solver_type": {"midpoint": "bh1", "heun": "bh1", "logrho": "bh1", "tab": "bh1"}}
+
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 3,

@@ -380,6 +380,13 @@ def test_from_config_theirs_to_ours(ours, theirs, where, tmp_path):
     _usable(sched)
 
 
+def _diffusers_bh1(sched):
+    """diffusers 0.42's UniPC bh1 returns NaN at its final step (test_unipc_bh1_final_step_to_zero_is_finite):
+    DC-Solver's base is bh1, and a faithful copy of its config meets that bug."""
+    if type(sched) is UniPCMultistepScheduler and sched.config.solver_type == "bh1":
+        pytest.xfail("diffusers' UniPCMultistepScheduler(solver_type='bh1') is NaN at the final step")
+
+
 @pytest.mark.parametrize("where", ["memory", "disk"])
 @pytest.mark.parametrize("theirs", THEIRS, ids=_ids)
 @pytest.mark.parametrize("ours", OURS, ids=_ids)
@@ -388,6 +395,7 @@ def test_from_config_ours_to_theirs(ours, theirs, where, tmp_path):
     assert type(sched) is theirs
     for k in KEEP:
         assert sched.config[k] == CONFIG[k], k
+    _diffusers_bh1(sched)
     _usable(sched)
 
 
@@ -402,6 +410,7 @@ def test_from_config_reloaded_pipeline_to_theirs(ours, theirs, sd_components, tm
     assert type(pipe.scheduler) is ours
     pipe.scheduler = theirs.from_config(pipe.scheduler.config)
     assert type(pipe.scheduler) is theirs and pipe.scheduler.config.beta_schedule == "scaled_linear"
+    _diffusers_bh1(pipe.scheduler)
     assert np.isfinite(run_sd(pipe, num_inference_steps=3)).all()
 
 
