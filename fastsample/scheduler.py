@@ -15,8 +15,10 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import parameterization as P
-from . import timesteps as T
+from .parameterization import check_prediction_type, convert, dynamic_threshold
+from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIMESTEP_SPACINGS, check_choice,
+                        check_descending, check_flow_shift, check_num_steps, discrete_timesteps, flow_match_convert,
+                        flow_match_sigmas, flow_sigmas, shift_flow, sigma_spacing, stretch_to_terminal)
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
 from .solver import Grid, Solver
@@ -50,7 +52,7 @@ def flow_match_config(config) -> dict:
     for key, why in UNSUPPORTED_FLOW_MATCH_KEYS.items():
         if cfg.get(key):
             raise ValueError(f"the FlowMatch config sets {key}=True, which cannot be honoured: {why}")
-    cfg.update(prediction_type="flow_prediction", spacing=T.FLOW_MATCH, flow_shift=cfg.get("shift", 1.0),
+    cfg.update(prediction_type="flow_prediction", spacing=FLOW_MATCH, flow_shift=cfg.get("shift", 1.0),
                final_sigmas_type="zero", use_flow_sigmas=False)
     # named, so that diffusers' from_config files FlowMatch's own keys as kept-but-unused, without a warning
     if not isinstance(cfg.get("_class_name"), str):
@@ -93,17 +95,17 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
     def _setup(self):
         self._remap_peer_values()
         cfg = self.config
-        P.check_prediction_type(cfg.prediction_type)
-        T.check_choice("final_sigmas_type", cfg.final_sigmas_type, T.FINAL_SIGMAS)
-        T.check_choice("noise_type", cfg.get("noise_type", "gaussian"), NOISE_TYPES)
-        T.check_choice("timestep_spacing", cfg.timestep_spacing, T.TIMESTEP_SPACINGS)
+        check_prediction_type(cfg.prediction_type)
+        check_choice("final_sigmas_type", cfg.final_sigmas_type, FINAL_SIGMAS)
+        check_choice("noise_type", cfg.get("noise_type", "gaussian"), NOISE_TYPES)
+        check_choice("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
         self.spacing = self._resolve_spacing()
         self.vp = DiscreteVP.from_betas_config(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
                                                cfg.trained_betas, cfg.get("rescale_betas_zero_snr", False))
         betas = self.vp.betas
-        self.flow = RectifiedFlow(t_min=0.0) if cfg.get("use_flow_sigmas", False) or self.spacing == T.FLOW_MATCH else None
+        self.flow = RectifiedFlow(t_min=0.0) if cfg.get("use_flow_sigmas", False) or self.spacing == FLOW_MATCH else None
         if self.flow is not None:
-            T.check_flow_shift(cfg.get("flow_shift", 1.0), None, cfg.get("time_shift_type", "exponential"))
+            check_flow_shift(cfg.get("flow_shift", 1.0), None, cfg.get("time_shift_type", "exponential"))
             # FlowMatch's name for the shift, so that FlowMatchEulerDiscreteScheduler.from_config(ours) keeps it
             self.register_to_config(shift=cfg.get("flow_shift", 1.0))
         for key in UNSUPPORTED_FLOW_MATCH_KEYS:
@@ -197,14 +199,14 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas may be set, got {chosen}")
         spacing = cfg.get("spacing")
         self._flow_respacing = None
-        if spacing == T.FLOW_MATCH:  # FlowMatch's flags respace its shifted levels (flow_match_convert)
+        if spacing == FLOW_MATCH:  # FlowMatch's flags respace its shifted levels (flow_match_convert)
             if chosen and chosen[0] not in ("karras", "exponential", "beta"):
                 raise ValueError(f"spacing='flow_match' takes use_karras_sigmas, use_exponential_sigmas or "
                                  f"use_beta_sigmas, not use_{chosen[0]}")
             self._flow_respacing = chosen[0] if chosen else None
             return spacing
         if spacing is not None:
-            T.check_choice("spacing", spacing, T.SPACINGS)
+            check_choice("spacing", spacing, SPACINGS)
             if chosen and chosen[0] != spacing:
                 raise ValueError(f"spacing={spacing!r} conflicts with the use_{chosen[0]} flag")
             return spacing
@@ -275,41 +277,41 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         final_zero = cfg.final_sigmas_type == "zero"
         if self.flow is not None:
             kind = cfg.get("time_shift_type", "exponential")
-            T.check_flow_shift(cfg.flow_shift, mu, kind)
-            shift = lambda v: T.shift_flow(v, cfg.flow_shift, mu, kind)  # noqa: E731
+            check_flow_shift(cfg.flow_shift, mu, kind)
+            shift = lambda v: shift_flow(v, cfg.flow_shift, mu, kind)  # noqa: E731
             t_min = float(shift([1.0 / Ttrain])[0])  # the final level for "sigma_min"
             if timesteps is not None:
-                levels = T.check_descending("timesteps", timesteps) / Ttrain
+                levels = check_descending("timesteps", timesteps) / Ttrain
             elif sigmas is not None:
-                levels = T.check_descending("sigmas", sigmas)
+                levels = check_descending("sigmas", sigmas)
                 if levels.max() > 1:
                     raise ValueError(f"flow sigmas must lie in (0, 1] (a trailing 0 marks the final level), got "
                                      f"{levels.tolist()}")
                 if not decoupled:  # FlowMatch's (and diffusers' UniPC's) rule: custom sigmas are shifted too
                     levels = shift(levels)
                     if cfg.get("shift_terminal") is not None:
-                        levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
-            elif self.spacing == T.FLOW_MATCH:
-                n = T.check_num_steps(num_inference_steps, Ttrain)
-                levels = T.flow_match_sigmas(n, Ttrain, cfg.flow_shift, mu, kind)
+                        levels = stretch_to_terminal(levels, cfg.shift_terminal)
+            elif self.spacing == FLOW_MATCH:
+                n = check_num_steps(num_inference_steps, Ttrain)
+                levels = flow_match_sigmas(n, Ttrain, cfg.flow_shift, mu, kind)
                 if cfg.get("shift_terminal") is not None:
-                    levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
+                    levels = stretch_to_terminal(levels, cfg.shift_terminal)
                 if self._flow_respacing is not None:
-                    levels = T.flow_match_convert(levels, self._flow_respacing, cfg.get("sigma_min"), cfg.get("sigma_max"))
-            elif self.spacing in T.SIGMA_SPACINGS:
+                    levels = flow_match_convert(levels, self._flow_respacing, cfg.get("sigma_min"), cfg.get("sigma_max"))
+            elif self.spacing in SIGMA_SPACINGS:
                 # diffusers' UniPC with use_flow_sigmas and use_karras/exponential/beta_sigmas: the spacing on VE
                 # sigmas s = t / (1 - t) in [sigma_min, sigma_max], mapped to flow time t = s / (1 + s); no shift
-                n = T.check_num_steps(num_inference_steps, Ttrain)
+                n = check_num_steps(num_inference_steps, Ttrain)
                 lo, hi = self._sigma_bounds()
-                s = T.sigma_spacing(self.spacing, n, lo, hi, self.flow, include_min=final_zero)
+                s = sigma_spacing(self.spacing, n, lo, hi, self.flow, include_min=final_zero)
                 levels, t_min = s / (1 + s), lo / (1 + lo)
             else:
-                n = T.check_num_steps(num_inference_steps, Ttrain)
+                n = check_num_steps(num_inference_steps, Ttrain)
                 # diffusers' DPM/UniPC flow grid; a noise-prediction solver starts one training step below 1
                 start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" or cfg.prediction_type == "epsilon" else 1.0
-                levels = T.flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start, kind)
+                levels = flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start, kind)
                 if cfg.get("shift_terminal") is not None:
-                    levels = T.stretch_to_terminal(levels, cfg.shift_terminal)
+                    levels = stretch_to_terminal(levels, cfg.shift_terminal)
             if levels[-1] == 0:
                 levels, final = levels[:-1], 0.0
             else:
@@ -328,24 +330,24 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             vp = self.vp
             sigma_min, sigma_max = math.exp(vp.log_sigmas[0]), math.exp(vp.log_sigmas[-1])
             if timesteps is not None:
-                ts = T.check_descending("timesteps", timesteps)
+                ts = check_descending("timesteps", timesteps)
                 if ts[0] > Ttrain - 1 or ts[-1] < 0:
                     raise ValueError(f"timesteps must lie in [0, {Ttrain - 1}], got {ts.tolist()}")
                 levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
             elif sigmas is not None:
-                levels = T.check_descending("sigmas", sigmas)
+                levels = check_descending("sigmas", sigmas)
                 if levels[-1] == 0:
                     levels = levels[:-1]
                     final_zero = True
                 ts = None
             else:
-                n = T.check_num_steps(num_inference_steps, Ttrain)
-                if self.spacing in T.TIMESTEP_SPACINGS:
-                    ts = T.discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
+                n = check_num_steps(num_inference_steps, Ttrain)
+                if self.spacing in TIMESTEP_SPACINGS:
+                    ts = discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
                     levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
                 else:
                     sigma_min, sigma_max = self._sigma_bounds()  # the spacing ends at its own sigma_min
-                    levels = T.sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
+                    levels = sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
                     ts = None
             if ts is None:
                 ts = vp.t_from_sigma_ve(torch.tensor(levels, dtype=F64)).numpy()
@@ -452,7 +454,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if not cfg.get("thresholding", False):
             return None
-        return lambda x0: P.dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        return lambda x0: dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True,
              variance_noise: torch.Tensor | None = None, **kwargs):
@@ -473,7 +475,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
-        pred = P.convert(out, x, self.config.prediction_type, g.alpha[i], g.sigma[i], self.solver.prediction,
+        pred = convert(out, x, self.config.prediction_type, g.alpha[i], g.sigma[i], self.solver.prediction,
                          self._threshold)
         if self._scales is not None:
             pred = pred * self._scales[i]
@@ -493,7 +495,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         (DDIM) step through the model's data prediction, x' = (sigma'/sigma) x + alpha' x0.  The next steps use no
         history from this node (its lambda is -inf) and no corrector of this step."""
         i = state.index
-        x0 = P.convert(out, x, self.config.prediction_type, 0.0, g.sigma[i], "x0", self._threshold)
+        x0 = convert(out, x, self.config.prediction_type, 0.0, g.sigma[i], "x0", self._threshold)
         if self._scales is not None:
             x0 = x0 * self._scales[i]
         x_next = torch.mul(x0, g.alpha[i + 1]).add_(x, alpha=g.sigma[i + 1] / g.sigma[i])

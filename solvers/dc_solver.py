@@ -125,7 +125,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     between the sample the solver reaches at t_{i+1} (after the corrector, for UniPC) and the teacher's
     (``fastsample.sampling.reference_states``, ``per_step`` UniPC-3 steps per interval, from the same noise).
     The best ratio seen is kept.  ``model(x, t, **model_kwargs)`` returns the scheduler's ``prediction_type``."""
-    from fastsample import parameterization as P
+    from fastsample.parameterization import convert
     from fastsample.sampling import _output, reference_states
 
     scheduler.set_timesteps(num_inference_steps)
@@ -138,7 +138,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
 
     def predict(x, i):
         out = _output(model(x, scheduler.model_time(grid)(i), **model_kwargs))
-        return P.convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], solver.prediction)
+        return convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], solver.prediction)
 
     def reach(state, x, pred, i):  # the sample at node i + 1 that the next step continues from
         x1, st = solver.step(grid, state, x, pred)

@@ -127,7 +127,7 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
     a scheduler then carries the levels too, as ``learned_sigmas``)."""
     gradient_options = dict(gradient_options or {})
-    from fastsample import parameterization as P
+    from fastsample.parameterization import convert
     from fastsample.sampling import _output, reference_states
 
     if method not in METHODS:
@@ -147,7 +147,7 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     grid, fine_t = scheduler._grid, scheduler.timesteps.tolist()
     xs = reference_states(model, noise, scheduler, per_step, **model_kwargs)
     m = grid.num_steps
-    x0 = [P.convert(_output(model(xs[i], scheduler.timesteps[i], **model_kwargs)), xs[i], scheduler.config.prediction_type,
+    x0 = [convert(_output(model(xs[i], scheduler.timesteps[i], **model_kwargs)), xs[i], scheduler.config.prediction_type,
                     grid.alpha[i], grid.sigma[i], "x0") for i in range(m)]
     cost = torch.full((m + 1, m + 1), float("inf"), dtype=torch.float64)
     for i in range(m):

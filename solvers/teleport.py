@@ -122,7 +122,7 @@ def choose_teleport_fraction(model, scheduler, stats: GaussianStats, num_inferen
     noise prediction (the ODE's velocity) compared with the Gaussian's, ||eps_model - eps_gauss|| / ||eps_gauss||
     (in x0 space the model's own error at high noise would dominate, amplified by sigma/alpha); the fraction is k/N
     for the largest k whose nodes 0..k all stay within ``tol``.  Returns (fraction, the error at each node)."""
-    from fastsample import parameterization as P
+    from fastsample.parameterization import convert
     from fastsample.sampling import _output
 
     if not 0 < tol:
@@ -136,7 +136,7 @@ def choose_teleport_fraction(model, scheduler, stats: GaussianStats, num_inferen
         a, s = grid.alpha[k], grid.sigma[k]
         x = stats.teleport(x_T, grid.alpha[0], grid.sigma[0], a, s) if k else x_T
         out = _output(model(x, base.timesteps[k], **model_kwargs))
-        eps_model = P.convert(out.to(F64), x.to(F64), base.config.prediction_type, a, s, "eps")
+        eps_model = convert(out.to(F64), x.to(F64), base.config.prediction_type, a, s, "eps")
         eps_gauss = (x.to(F64) - a * stats.denoise(x, a, s).to(F64)) / s
         errors.append(float((eps_model - eps_gauss).norm() / eps_gauss.norm()))
         if all(e <= tol for e in errors):
