@@ -5,8 +5,19 @@ import torch
 from tqdm.auto import tqdm
 
 
-def _output(y):
+def model_output(y):
+    """The tensor of a model's output: a diffusers output's ``.sample``, a tuple's first entry, or the tensor."""
     return y.sample if hasattr(y, "sample") else (y[0] if isinstance(y, tuple) else y)
+
+
+def model_fn(module):
+    """``module`` (a diffusers model, or anything whose output ``model_output`` reads) as a plain function
+    ``f(x, t, **kwargs) -> tensor``: what the solvers, fits and sweeps call."""
+    def fn(x, t, **kwargs):
+        return model_output(module(x, t, **kwargs))
+
+    fn.module = module
+    return fn
 
 
 def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int | None = 10, callback=None,
@@ -28,7 +39,7 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
     step_kw = {} if generator is None else {"generator": generator}  # diffusers' DEIS and UniPC take no generator
     nfe = 0
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, leave=False)):
-        out = _output(model(scale(x, t), t, **model_kwargs))
+        out = model_output(model(scale(x, t), t, **model_kwargs))
         nfe += 1
         x = scheduler.step(out, t, x, **step_kw).prev_sample
         if callback is not None:
@@ -64,7 +75,7 @@ def trajectory(model, x: torch.Tensor, solver, grid, prediction_type: str = "eps
     state = solver.init(grid)
     for i in range(grid.num_steps):
         t = grid.t[i] if model_time is None else model_time(i)
-        pred = convert(_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[i], grid.sigma[i],
+        pred = convert(model_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[i], grid.sigma[i],
                        solver.prediction, threshold)
         noise = None
         if solver.needs_noise(grid, i):
@@ -116,7 +127,7 @@ def reference_states(model, noise: torch.Tensor, scheduler, per_step: int = 20, 
     (``set_timesteps`` first), ``per_step`` steps per interval; returns the sample at each of the grid's nodes."""
     from .solvers import UniPC
 
-    grid = scheduler._grid
+    grid = scheduler.grid
     if grid is None:
         raise RuntimeError("call scheduler.set_timesteps(...) before reference_states")
     fine, nodes = refine(grid, scheduler.schedule, per_step)

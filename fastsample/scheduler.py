@@ -163,6 +163,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         return min(k, grid.num_steps - 1)
 
     @property
+    def grid(self) -> Grid | None:
+        """The current run's levels (float64 alpha, sigma, lambda, native time), set by ``set_timesteps``; None
+        before it."""
+        return self._grid
+
+    @property
     def teleport_origin(self) -> tuple[float, float] | None:
         """``(alpha, sigma)`` of the full schedule's first level, which teleportation starts from; None when the
         current schedule skips no step."""

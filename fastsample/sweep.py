@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .results import read_records  # noqa: F401  (the sweep's reader, re-exported)
-from .sampling import sample
+from .sampling import model_fn, sample
 
 # name: (source, class name, config).  Ours are the registry's variants (fastsample.registry: every registered
 # scheduler's named configurations); diffusers' versions of the same methods are listed here, on the zoo's config.
@@ -422,7 +422,7 @@ class Task:
         self.teleport_stats = None
         self.weights = model_hash(self.unet)
         self.shape, self.metrics = (1, 32, 32), ("fid", "rmse")
-        self.model = lambda x, t: self.unet(x, t).sample
+        self.model = model_fn(self.unet)
 
     @property
     def metric(self) -> str:
@@ -450,7 +450,7 @@ class Task:
             self._small[small] = zoo.load(small, device=self.device, parameterization="flow" if self.flow else "epsilon")
         fraction = spec["tstitch"]["fraction"]
         stitched = self._small[small] if fraction == 1 else StitchedModel([self._small[small], self.unet], [fraction])
-        fn = lambda x, t: stitched(x, t).sample  # noqa: E731
+        fn = model_fn(stitched)
         fn.small_steps = (lambda timesteps: len(timesteps)) if fraction == 1 else \
             (lambda timesteps: sum(stitched.route(t) == 0 for t in timesteps))
         return fn, _digest([self.weights, model_hash(self._small[small])])

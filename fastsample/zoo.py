@@ -52,6 +52,14 @@ def build(name: str):
     return UNet2DModel(**MODEL_CONFIGS[check_name(name)][0])
 
 
+def model_fn(name: str, device=None, dtype=None, parameterization: str = "epsilon"):
+    """The shipped model ``name`` as a plain function ``f(x, t, **kwargs) -> tensor`` (``fastsample.sampling.model_fn``
+    of ``load``); its module is ``f.module``."""
+    from .sampling import model_fn as as_function
+
+    return as_function(load(name, device, dtype, parameterization))
+
+
 def available() -> list[str]:
     return [n for n in MODEL_CONFIGS if (MODELS_DIR / n / "config.json").is_file()]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsample.sampling import _output
+from fastsample.sampling import model_output
 
 
 class ClassifierFreeGuidance:
@@ -23,8 +23,8 @@ class ClassifierFreeGuidance:
             raise ValueError(f"labels has {len(labels)} entries for a batch of {len(x)}")
         labels = labels.to(x.device)
         if self.scale == 1.0:
-            return _output(self.unet(x, t, class_labels=labels, **kwargs))
+            return model_output(self.unet(x, t, class_labels=labels, **kwargs))
         null = torch.full_like(labels, self.null_label)
-        both = _output(self.unet(torch.cat([x, x]), t, class_labels=torch.cat([null, labels]), **kwargs))
+        both = model_output(self.unet(torch.cat([x, x]), t, class_labels=torch.cat([null, labels]), **kwargs))
         uncond, cond = both.chunk(2)
         return uncond + self.scale * (cond - uncond)

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastsample.parameterization import convert
-from fastsample.sampling import _output
+from fastsample.sampling import model_output
 
 TARGETS = {"anneal": 1, "product": 2, "cfg": 1}  # target -> number of models
 RESAMPLING = ("systematic", "multinomial", "stratified")
@@ -192,11 +192,11 @@ class FKCSampler:
         outs = []
         for lo in range(0, len(x), n):
             kw = {k: (v[lo:lo + n] if _rows(v, len(x)) else v) for k, v in kwargs.items()}
-            outs.append(_output(model(x[lo:lo + n], t, **kw)))
+            outs.append(model_output(model(x[lo:lo + n], t, **kw)))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if out.shape != x.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} must equal the sample shape {tuple(x.shape)}")
-        g = self.scheduler._grid
+        g = self.scheduler.grid
         return convert(out.to(x.dtype), x, self.scheduler.config.prediction_type, g.alpha[i], g.sigma[i], "eps")
 
     def sample(self, noise: torch.Tensor, num_inference_steps: int, generator=None, num_particles: int | None = None,
@@ -215,7 +215,7 @@ class FKCSampler:
         G = B // N
         sched = self.scheduler
         sched.set_timesteps(num_inference_steps)
-        grid, steps = sched._grid, sched.num_inference_steps
+        grid, steps = sched.grid, sched.num_inference_steps
         if sched._teleport_from is not None:
             raise ValueError("FKCSampler does not teleport: use a scheduler without teleport_stats")
         if grid.alpha[0] == 0:

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fastsample.sampling import model_fn
 from fastsample import sample
 from fastsample.sampling import reference_states
 from fastsample.schedules import DiscreteVP, make_betas
@@ -81,7 +82,7 @@ def main(argv=None):
         from fastsample import zoo
 
         unet = zoo.load(args.model)
-        model = lambda x, t: unet(x, t).sample  # noqa: E731
+        model = model_fn(unet)
         test = torch.randn(args.num_test, 1, 32, 32, generator=g)
     else:
         model = testbed(args.testbed)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample.sampling import model_fn
 from fastsample import zoo
 from fastsample.guidance.cfg import ClassifierFreeGuidance
 from fastsample.results import ResultsFile
@@ -61,7 +62,7 @@ def main(argv=None):
         done = [r for r in log.records if all(r.get(k) == v for k, v in inputs.items())]
         for w in args.guidance_scale if classes else [1.0]:
             model = (ClassifierFreeGuidance(unet, torch.arange(args.num) % classes, w, zoo.NULL_LABEL) if classes
-                     else (lambda x, t: unet(x, t).sample))
+                     else model_fn(unet))
             for nfe in args.nfe:
                 if any(d["nfe"] == nfe and d["guidance_scale"] == w for d in done):
                     continue

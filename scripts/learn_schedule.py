@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.sampling import reference_states
 from fastsample.guidance.cfg import ClassifierFreeGuidance
@@ -97,7 +98,7 @@ def main(argv=None):
         train_kw = {"class_labels": torch.arange(args.num) % classes}
         held_kw = {"class_labels": torch.arange(args.validation) % classes}
     else:
-        model, train_kw, held_kw = (lambda x, t: unet(x, t).sample), {}, {}
+        model, train_kw, held_kw = model_fn(unet), {}, {}
     options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
                "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every}
 

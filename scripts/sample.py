@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.data import image_grid
 from fastsample.guidance.cfg import ClassifierFreeGuidance
@@ -42,7 +43,7 @@ def make_model(name, num, size, guidance_scale):
     if zoo.MODEL_CONFIGS[name][1]:
         labels = torch.arange(num) % zoo.MODEL_CONFIGS[name][1]
         return ClassifierFreeGuidance(unet, labels, guidance_scale, zoo.NULL_LABEL)
-    return lambda x, t: unet(x, t).sample
+    return model_fn(unet)
 
 
 def scheduler_choices() -> tuple:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample.sampling import model_fn
 from fastsample import sample, zoo
 from fastsample.guidance.tstitch import StitchedModel
 from fastsample.results import ResultsFile
@@ -97,7 +98,7 @@ def time_fractions(small, large, nfe, fractions, batch, repeats, seed) -> dict:
     round-robin and the fastest repeat kept, so that a burst of other load on the machine does not land on one
     fraction only."""
     noise = noise_for(range(batch), (1, 32, 32), seed)
-    fns = {f: (lambda m: lambda x, t: m(x, t).sample)(stitched(small, large, f)) for f in fractions}
+    fns = {f: model_fn(stitched(small, large, f)) for f in fractions}
     run(fns[fractions[0]], noise[:2], nfe)  # warm-up: first-call allocations
     best = dict.fromkeys(fractions, float("inf"))
     for _ in range(repeats):

@@ -126,10 +126,10 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     (``fastsample.sampling.reference_states``, ``per_step`` UniPC-3 steps per interval, from the same noise).
     The best ratio seen is kept.  ``model(x, t, **model_kwargs)`` returns the scheduler's ``prediction_type``."""
     from fastsample.parameterization import convert
-    from fastsample.sampling import _output, reference_states
+    from fastsample.sampling import model_output, reference_states
 
     scheduler.set_timesteps(num_inference_steps)
-    grid, solver, cfg = scheduler._grid, scheduler.solver, scheduler.config
+    grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
     n = grid.num_steps
     with torch.no_grad():
         ref = reference if reference is not None else reference_states(model, noise, scheduler, per_step, **model_kwargs)
@@ -137,7 +137,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     solver.compensation = comp = DynamicCompensation(ratios, cfg.get("dc_order", 2))
 
     def predict(x, i):
-        out = _output(model(x, scheduler.model_time(grid)(i), **model_kwargs))
+        out = model_output(model(x, scheduler.model_time(grid)(i), **model_kwargs))
         return convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], solver.prediction)
 
     def reach(state, x, pred, i):  # the sample at node i + 1 that the next step continues from

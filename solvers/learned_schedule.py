@@ -128,7 +128,7 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     a scheduler then carries the levels too, as ``learned_sigmas``)."""
     gradient_options = dict(gradient_options or {})
     from fastsample.parameterization import convert
-    from fastsample.sampling import _output, reference_states
+    from fastsample.sampling import model_output, reference_states
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -144,10 +144,10 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     if gradient_options:
         raise ValueError(f"{sorted(gradient_options)} only apply to method='gradient'")
     scheduler.set_timesteps(fine_steps)
-    grid, fine_t = scheduler._grid, scheduler.timesteps.tolist()
+    grid, fine_t = scheduler.grid, scheduler.timesteps.tolist()
     xs = reference_states(model, noise, scheduler, per_step, **model_kwargs)
     m = grid.num_steps
-    x0 = [convert(_output(model(xs[i], scheduler.timesteps[i], **model_kwargs)), xs[i], scheduler.config.prediction_type,
+    x0 = [convert(model_output(model(xs[i], scheduler.timesteps[i], **model_kwargs)), xs[i], scheduler.config.prediction_type,
                     grid.alpha[i], grid.sigma[i], "x0") for i in range(m)]
     cost = torch.full((m + 1, m + 1), float("inf"), dtype=torch.float64)
     for i in range(m):
@@ -271,7 +271,7 @@ class _Program:
     def run(self, model, x, vals, scales=None, time_offsets=None, **model_kwargs):
         """The differentiable N-step solve from x with the values ``vals`` (a tensor from ``_GridValues``),
         optional per-step scales of the prediction and optional offsets of the model's time (decoupled time)."""
-        from fastsample.sampling import _output
+        from fastsample.sampling import model_output
 
         vals = vals.to(x.dtype)
         pos, hist, last_x = 0, [], None
@@ -286,7 +286,7 @@ class _Program:
             t, cx, co = take(3)
             if time_offsets is not None:
                 t = t + time_offsets[i].to(t.dtype)
-            out = _output(model(x, t, **model_kwargs))
+            out = model_output(model(x, t, **model_kwargs))
             pred = cx * x + co * out
             hist = [pred if scales is None else pred * scales[i].to(x.dtype)] + hist
             if corr is not None:
@@ -326,7 +326,7 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
         raise ValueError(f"target must be the teacher's finite end points from noise, of shape {tuple(noise.shape)}, "
                          f"got {tuple(target.shape) if torch.is_tensor(target) else type(target).__name__}")
     scheduler.set_timesteps(n)
-    grid = scheduler._grid  # with teleportation: the m = n - k steps left after the closed-form jump
+    grid = scheduler.grid  # with teleportation: the m = n - k steps left after the closed-form jump
     m = grid.num_steps
     lam = list(grid.lam)
     if math.isfinite(lam[-1]):  # the last level is a fixed, finite end point: the inner levels stay below it

@@ -123,19 +123,19 @@ def choose_teleport_fraction(model, scheduler, stats: GaussianStats, num_inferen
     (in x0 space the model's own error at high noise would dominate, amplified by sigma/alpha); the fraction is k/N
     for the largest k whose nodes 0..k all stay within ``tol``.  Returns (fraction, the error at each node)."""
     from fastsample.parameterization import convert
-    from fastsample.sampling import _output
+    from fastsample.sampling import model_output
 
     if not 0 < tol:
         raise ValueError(f"tol must be > 0, got {tol}")
     base = type(scheduler).from_config({**scheduler.config, "teleport_fraction": 0.0, "teleport_sigma": None,
                                         "teleport_stats": None})
     base.set_timesteps(num_inference_steps)
-    grid, errors, fraction = base._grid, [], 0.0
+    grid, errors, fraction = base.grid, [], 0.0
     x_T = probes * base.init_noise_sigma
     for k in range(grid.num_steps):
         a, s = grid.alpha[k], grid.sigma[k]
         x = stats.teleport(x_T, grid.alpha[0], grid.sigma[0], a, s) if k else x_T
-        out = _output(model(x, base.timesteps[k], **model_kwargs))
+        out = model_output(model(x, base.timesteps[k], **model_kwargs))
         eps_model = convert(out.to(F64), x.to(F64), base.config.prediction_type, a, s, "eps")
         eps_gauss = (x.to(F64) - a * stats.denoise(x, a, s).to(F64)) / s
         errors.append(float((eps_model - eps_gauss).norm() / eps_gauss.norm()))

@@ -108,8 +108,8 @@ def test_gradient_program_is_the_scheduler_and_its_gradient_is_exact(problem, cl
     gm, train, _ = problem
     sch = cls(**kw)
     sch.set_timesteps(5)
-    prog = _Program(sch, sch._grid)
-    inner = torch.tensor(sch._grid.lam[1:-1], dtype=F64)
+    prog = _Program(sch, sch.grid)
+    inner = torch.tensor(sch.grid.lam[1:-1], dtype=F64)
     x = prog.run(gm, train, _GridValues.apply(inner, prog.values, 1e-6))
     ref, _ = sample(gm, train, cls(**kw), 5, progress=False)
     assert torch.allclose(x, ref, atol=1e-12)
@@ -194,9 +194,9 @@ def test_learned_scales_round_trip_and_apply(problem, tmp_path):
     assert LearnedSchedule.load(tmp_path / "s.json").scales == s.scales
     sch = s.scheduler(UniPCScheduler(solver_order=2))
     x, calls = sample(gm, train, sch, 4, progress=False)
-    prog = _Program(sch, sch._grid)
+    prog = _Program(sch, sch.grid)
     with torch.no_grad():
-        y = prog.run(gm, train, _GridValues.apply(torch.tensor(sch._grid.lam[1:-1], dtype=F64), prog.values, 1e-6),
+        y = prog.run(gm, train, _GridValues.apply(torch.tensor(sch.grid.lam[1:-1], dtype=F64), prog.values, 1e-6),
                      torch.tensor(s.scales, dtype=F64))
     # the fitted levels are fractional: the scheduler sends them to the model as float32 (the precision of a UNet's
     # time embedding), the program in float64, and this testbed's score depends on t smoothly
