@@ -54,12 +54,7 @@ FLUX_FME = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_
                 max_image_seq_len=4096)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 class Calls:
