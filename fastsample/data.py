@@ -59,9 +59,16 @@ def _torchvision_root() -> Path | None:
 
 
 def dataset_root(path=None) -> Path:
-    """The first of: ``path``, Debian's package, torchvision's download that holds all four files."""
-    candidates = [Path(path)] if path is not None else []
-    candidates.append(Path(DEBIAN_PATH))
+    """``path`` when given (it must hold all four files: no silent fallback to another copy), else the first of
+    Debian's package and torchvision's download that holds them."""
+    if path is not None:
+        root = Path(path)
+        missing = [s for pair in FILES.values() for s in pair if not _find(root, s)]
+        if missing:
+            raise FileNotFoundError(f"the Fashion-MNIST folder given ({path}) lacks {', '.join(missing)} (.gz or "
+                                    f"not); pass a folder with all four IDX files, or no path to use {DEBIAN_PATH}")
+        return root
+    candidates = [Path(DEBIAN_PATH)]
     for root in candidates:
         if all(_find(root, stem) for pair in FILES.values() for stem in pair):
             return root

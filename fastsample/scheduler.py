@@ -363,6 +363,11 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             if final >= levels[-1]:
                 raise ValueError(f"the final sigma ({final:.6g}, final_sigmas_type={cfg.final_sigmas_type!r}) must be "
                                  f"below the last level {levels[-1]:.6g}: use final_sigmas_type='zero'")
+            if np.any(np.diff(levels) >= 0):
+                dup = sorted({float(v) for v, w in zip(ts, ts[1:]) if v == w}) if ts is not None else []
+                raise ValueError(f"num_inference_steps={len(levels)} with timestep_spacing={self.spacing!r} puts two "
+                                 f"steps on the same level (timesteps {dup} repeat after rounding): use fewer steps, "
+                                 f"another spacing ('trailing', 'leading', 'karras', ...) or sigmas=")
             grid = Grid.from_sigma_ve(vp, np.append(levels, final))
             ts = np.asarray(ts, dtype=np.float64)
             # integer timesteps stay int64 (diffusers' convention); fractional ones (a learned schedule's exact

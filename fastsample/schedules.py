@@ -160,15 +160,18 @@ class RectifiedFlow(NoiseSchedule):
 
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+MAX_TRAIN_TIMESTEPS = 100_000  # diffusers' models use 1000; beyond this the tables are large for no use
 
 
 def make_betas(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                trained_betas=None, rescale_betas_zero_snr=False) -> torch.Tensor:
     """diffusers' beta schedules, built exactly as diffusers builds them (float32): this is the schedule a
     diffusers-trained model saw in training (its ``add_noise`` uses these float32 values)."""
+    if (isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, float))
+            or num_train_timesteps != int(num_train_timesteps) or not 2 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS):
+        raise ValueError(f"num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], got "
+                         f"{num_train_timesteps!r}")
     n = int(num_train_timesteps)
-    if n < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
     f32 = torch.float32
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=f32).clone()

@@ -150,6 +150,20 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0.0 <= args.lr_final <= 1.0:
         p.error(f"--lr-final must be in [0, 1], got {args.lr_final}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0.0 <= args.label_dropout <= 1.0:
+        p.error(f"--label-dropout must be in [0, 1], got {args.label_dropout}")
+    if args.warmup < 0 or not args.lr > 0 or not args.diverge_factor > 1:
+        p.error(f"--warmup must be >= 0, --lr > 0 and --diverge-factor > 1, got {args.warmup}, {args.lr}, "
+                f"{args.diverge_factor}")
+    if args.data is not None:
+        from fastsample.data import dataset_root
+
+        try:
+            dataset_root(args.data)
+        except FileNotFoundError as e:
+            p.error(str(e))
     out = Path(args.out or f"checkpoints/{args.model}")
     if args.export:
         return export(out, args.model)

@@ -228,3 +228,17 @@ def test_too_many_steps_is_an_error(latents):
     x = run_loop(s, latents.clone(), 3)
     with pytest.raises(RuntimeError, match="call set_timesteps again"):
         s.step(smooth_model(x, 0), 0, x)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_counts_and_train_timesteps_are_checked(cls):
+    """Issue 20 F1, F8, F13: 1000 linspace steps round two steps onto timestep 500 (an error that says so, not a
+    ZeroDivisionError); a fractional, huge or string num_train_timesteps is a config error."""
+    with pytest.raises(ValueError, match=r"num_inference_steps=1000 with timestep_spacing='linspace'.*\[500\.0\]"):
+        cls().set_timesteps(1000)
+    s = cls(timestep_spacing="trailing", final_sigmas_type="zero")
+    s.set_timesteps(1000)  # every training step once: fine (DEIS's default end, sigma_min, is then step 0 itself)
+    assert len(s.timesteps) == 1000
+    for bad in (1000.7, 5_000_000, "1000", 1):
+        with pytest.raises(ValueError, match=r"num_train_timesteps must be an integer in \[2, 100000\]"):
+            cls(num_train_timesteps=bad)

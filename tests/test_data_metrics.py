@@ -53,10 +53,10 @@ def test_bad_idx_and_missing_data(tmp_path, monkeypatch):
     (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01abcd"))
     with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
         read_idx(tmp_path / "bad.gz")
-    with pytest.raises(FileNotFoundError, match="the path given.*dataset-fashion-mnist.*torchvision"):
+    with pytest.raises(FileNotFoundError, match=r"the Fashion-MNIST folder given .* lacks train-images-idx3-ubyte"):
         from fastsample.data import dataset_root
 
-        dataset_root(tmp_path)  # a path is given: only it and Debian's package are searched before the download
+        dataset_root(tmp_path)  # a path is given: only it, never a silent fallback to another copy (issue 20 F16)
     with pytest.raises(ValueError, match="split must be one of"):
         load_fashion_mnist("val", tmp_path)
 
@@ -155,6 +155,17 @@ def test_an_interrupted_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path, 
     assert training.load_state(tmp_path)["step"] == 3
     for name, v in (("model", 3.0), ("ema", 3.5)):
         assert torch.equal(training.load_tensors(tmp_path, name)["w"], torch.full((3,), v))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--ema-decay", "2"], "--ema-decay must be in"), (["--label-dropout", "5"], "--label-dropout must be in"),
+    (["--steps", "-1"], "--steps must be at least 1"), (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--warmup", "-3"], "--warmup must be >= 0"), (["--data", "/nonexistent/fmnist"], "lacks train-images")])
+def test_train_command_line_is_checked_before_any_work(args, match, tmp_path):
+    """Issue 20 F16: each bad option is an error naming it, before any data is read or checkpoint written."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--model", "fmnist-small",
+                        "--out", str(tmp_path / "run"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and match in r.stderr and not (tmp_path / "run").exists(), r.stderr[-500:]
 
 
 def test_learning_rate_schedule_and_guard():
