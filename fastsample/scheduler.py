@@ -363,6 +363,11 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             if final >= levels[-1]:
                 raise ValueError(f"the final sigma ({final:.6g}, final_sigmas_type={cfg.final_sigmas_type!r}) must be "
                                  f"below the last level {levels[-1]:.6g}: use final_sigmas_type='zero'")
+            lo_t, hi_t = math.exp(vp.log_sigmas[0]), math.exp(vp.log_sigmas[-1])
+            if levels.max() > hi_t * (1 + 1e-4) or levels.min() < lo_t * (1 - 1e-4):  # 1e-4: published rounding (AYS)
+                raise ValueError(f"sigmas must lie in the model's trained range [{lo_t:.6g}, {hi_t:.6g}] (a trailing 0 "
+                                 f"marks the end), got {levels.tolist()}: outside it the model's time would be clipped "
+                                 f"and the levels would not be the ones integrated")
             if np.any(np.diff(levels) >= 0):
                 dup = sorted({float(v) for v, w in zip(ts, ts[1:]) if v == w}) if ts is not None else []
                 raise ValueError(f"num_inference_steps={len(levels)} with timestep_spacing={self.spacing!r} puts two "

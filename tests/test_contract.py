@@ -242,3 +242,17 @@ def test_step_counts_and_train_timesteps_are_checked(cls):
     for bad in (1000.7, 5_000_000, "1000", 1):
         with pytest.raises(ValueError, match=r"num_train_timesteps must be an integer in \[2, 100000\]"):
             cls(num_train_timesteps=bad)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_sigmas_outside_the_trained_range_are_an_error(cls):
+    """Issue 20 F2: sigmas above (or below) the discrete schedule's range were clamped silently (scheduler.sigmas said
+    1e6 while the solve started at 157); now an error that names the range.  Published lists rounded within 1e-4 of
+    the end (AYS's 14.615 for SD's 14.6146) still work."""
+    with pytest.raises(ValueError, match=r"sigmas must lie in the model's trained range \[0\.01.*, 157\.4"):
+        cls().set_timesteps(sigmas=[1e6, 10.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="trained range"):
+        cls().set_timesteps(sigmas=[10.0, 1.0, 1e-4, 0.0])
+    sd = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sd.set_timesteps(sigmas=[14.615, 6.475, 3.861, 0.152, 0.0])
+    assert len(sd.timesteps) == 4
