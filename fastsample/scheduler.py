@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,6 +84,51 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             model.register_to_config(shift=model.config.get("flow_shift", 1.0))
         return out
 
+    # artefact files a config names; save_pretrained copies them into the folder and records them relative to it
+    ARTEFACT_KEYS = {"teleport_stats": "teleport_stats.safetensors"}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False,
+                        **kwargs):
+        """diffusers' ``from_pretrained``; artefact paths in the config (``teleport_stats``) that are relative
+        are resolved against the folder the config was read from, so a saved folder can be moved or shared."""
+        import os
+
+        config, kwargs = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, return_unused_kwargs=True,
+                                         **kwargs)
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        for key in cls.ARTEFACT_KEYS:
+            value = config.get(key)
+            if isinstance(value, str) and not os.path.isabs(value) and folder.is_dir() and (folder / value).is_file():
+                config[key] = str(folder / value)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """diffusers' ``save_pretrained``, with the config's artefact files copied into the folder and named
+        relative to it: the folder is self-contained."""
+        import shutil
+
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        saved = {}
+        from .zoo import ZOO_PREFIX, MODELS_DIR
+
+        for key, name in self.ARTEFACT_KEYS.items():
+            value = self.config.get(key)
+            if isinstance(value, str) and Path(value).is_file() and Path(value).resolve().parent == MODELS_DIR:
+                saved[key] = value  # a file the package ships: named, not copied
+                self.register_to_config(**{key: ZOO_PREFIX + Path(value).name})
+            elif isinstance(value, str) and Path(value).is_file():
+                if Path(value).resolve() != (save_directory / name).resolve():
+                    shutil.copyfile(value, save_directory / name)
+                saved[key] = value
+                self.register_to_config(**{key: name})
+        try:
+            super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            if saved:
+                self.register_to_config(**saved)
+
     def make_solver(self) -> Solver:
         raise NotImplementedError
 
@@ -148,7 +194,9 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             return None
         from fastsample.solvers.teleport import GaussianStats
 
-        return GaussianStats.load(path)
+        from .zoo import resolve_artefact
+
+        return GaussianStats.load(resolve_artefact(path))
 
     def _teleport_skip(self, grid: Grid) -> int:
         """How many leading steps of ``grid`` teleportation replaces (at least one step is left)."""

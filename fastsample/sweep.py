@@ -367,7 +367,10 @@ def config_digest(scheduler) -> str:
     scales, DC ratios, CPR, teleport options, ...) and the contents of the files its config names (teleport
     statistics) in place of their paths, so the key is the same in any checkout."""
     cfg = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    from .zoo import resolve_artefact
+
     for k, v in cfg.items():
+        v = resolve_artefact(v) if isinstance(v, str) else v
         if isinstance(v, str) and v.endswith((".safetensors", ".json")) and Path(v).is_file():
             cfg[k] = "file sha256 " + hashlib.sha256(Path(v).read_bytes()).hexdigest()[:16]
     return _digest({"class": f"{type(scheduler).__module__.split('.')[0]}.{type(scheduler).__name__}", "config": cfg})

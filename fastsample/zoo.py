@@ -39,6 +39,18 @@ FLOW_CONFIG = dict(num_train_timesteps=1000, prediction_type="flow_prediction", 
                    final_sigmas_type="zero")
 
 
+ZOO_PREFIX = "zoo:"  # an artefact the package ships, by file name: "zoo:fmnist-gaussian.safetensors"
+
+
+def resolve_artefact(path) -> str:
+    """A config's artefact path: "zoo:<file>" is the file of that name in the package's models folder (shipped
+    scheduler folders name the shipped statistics so, with no machine path); anything else is returned as it is."""
+    path = str(path)
+    if path.startswith(ZOO_PREFIX):
+        return str(MODELS_DIR / path[len(ZOO_PREFIX):])
+    return path
+
+
 def check_name(name: str) -> str:
     if name not in MODEL_CONFIGS:
         raise ValueError(f"model must be one of {tuple(MODEL_CONFIGS)}, got {name!r}")

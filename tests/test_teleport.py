@@ -191,3 +191,46 @@ def test_teleport_on_a_flow_schedule(cls, gauss_testbed):
     x10, _ = sample(model, noise, cls(**zoo.FLOW_CONFIG), 10, progress=False)
     x7, _ = sample(model, noise, cls(**zoo.FLOW_CONFIG), 7, progress=False)
     assert err(x) <= 1.05 * err(x10) and err(x) < err(x7), (err(x), err(x10), err(x7))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_a_saved_folder_with_teleport_and_a_learned_schedule_can_be_moved(cls, gauss_testbed, tmp_path):
+    """Issue 20 F10: save_pretrained copies the statistics into the folder and names them relative to it; the
+    folder, moved elsewhere (the original statistics deleted), loads and samples identically."""
+    import shutil
+
+    model, path = gauss_testbed
+    stats = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(path, stats)
+    s = cls(teleport_stats=str(stats), teleport_fraction=0.3, learned_timesteps=[999.0, 700.5, 400.25, 120.0],
+            final_sigmas_type="zero")
+    noise = torch.randn(4, 64, generator=torch.Generator().manual_seed(2), dtype=F64)
+    a, _ = sample(model, s.prepare_latents(noise, 4), s, 4, progress=False)
+    s.save_pretrained(tmp_path / "saved")
+    assert s.config.teleport_stats == str(stats)  # the live scheduler keeps its own path
+    shutil.move(str(tmp_path / "saved"), str(tmp_path / "moved"))
+    stats.unlink()
+    t = cls.from_pretrained(tmp_path / "moved")
+    b, _ = sample(model, t.prepare_latents(noise, 4), t, 4, progress=False)
+    assert torch.equal(a, b)
+
+
+def test_shipped_statistics_are_named_not_copied(tmp_path):
+    """A scheduler on the package's own Fashion-MNIST statistics saves them as "zoo:<file>" (no machine path, no
+    copy), and loads back the same statistics anywhere; the shipped teleport folders are saved so."""
+    import json
+    from pathlib import Path
+
+    from fastsample import zoo
+
+    stats = zoo.MODELS_DIR / "fmnist-gaussian.safetensors"
+    s = UniPCScheduler(**zoo.SCHEDULER_CONFIG, teleport_stats=str(stats), teleport_fraction=0.2)
+    s.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert cfg["teleport_stats"] == "zoo:fmnist-gaussian.safetensors" and not (tmp_path / "teleport_stats.safetensors").exists()
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(UniPCScheduler.from_pretrained(tmp_path).prepare_latents(noise, 10), s.prepare_latents(noise, 10))
+    root = Path(__file__).resolve().parent.parent
+    for f in (root / "schedules").glob("*/*/scheduler_config.json"):
+        value = json.loads(f.read_text()).get("teleport_stats")
+        assert value is None or not Path(value).is_absolute(), f
