@@ -127,7 +127,8 @@ def load_state(out) -> dict | None:
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    state.setdefault("files", [n for n in ("model", "ema", "optimizer") if (out / f"{n}.safetensors").is_file()])
+    # the files on disk: a clone holds no optimizer moments (git does not keep them) though the state names them
+    state["files"] = [n for n in state.get("files", ("model", "ema", "optimizer")) if (out / f"{n}.safetensors").is_file()]
     return state
 
 

@@ -92,6 +92,19 @@ def test_training_resumes_exactly(tiny_dataset, tmp_path):
     assert state["step"] == 6 and state["adam_step"] == 6 and state["files"] == ["ema", "model", "optimizer"]
 
 
+def test_training_resumes_from_a_clone_without_the_optimizer_moments(tiny_dataset, tmp_path):
+    """git keeps the weights and state.json but not optimizer.safetensors: a clone resumes with fresh AdamW moments
+    (a new warmup from the checkpoint's step) instead of failing on the missing file."""
+    out = tmp_path / "a"
+    assert _train(tiny_dataset, out, 6, "--save-every", "3", "--max-minutes", "0").returncode == 0
+    (out / "optimizer.safetensors").unlink()
+    assert json.loads((out / "state.json").read_text())["files"] == ["ema", "model", "optimizer"]
+    r = _train(tiny_dataset, out, 4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["step"] == 4 and state["warm_from"] == 1 and state["adam_step"] == 3
+
+
 def test_nan_or_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
     from safetensors.torch import load_file
 
