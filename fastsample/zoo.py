@@ -24,7 +24,9 @@ def _unet(channels, layers, attention_last=True, groups=8, num_class_embeds=None
 # groups: with one channel per group the network cannot see the input's mean, so it cannot predict the noise's mean,
 # an error that the data prediction multiplies by sigma/alpha (about 150 at t = 999) and that saturates samples.
 MODEL_CONFIGS = {
-    "fmnist-small": (_unet((8, 16, 32, 32), 1, groups=2), None),
+    # small: few channels at full resolution (where a call's time goes) and no attention, for a call at least 4x
+    # cheaper than large's (scripts/bench_models.py), so T-Stitch has room to gain
+    "fmnist-small": (_unet((2, 8, 16, 32), 1, attention_last=False, groups=1), None),
     "fmnist-large": (_unet((16, 32, 64, 128), 1, groups=4), None),
     "fmnist-cond": (_unet((8, 16, 32, 64), 1, groups=2, num_class_embeds=11), 10),
 }
