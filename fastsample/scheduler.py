@@ -431,6 +431,10 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             if len(model_times) != len(model_t) or not np.isfinite(model_times).all():
                 raise ValueError(f"timesteps (the model's time at each level) must be {len(model_t)} finite numbers, "
                                  f"one per level in sigmas, got {model_times.tolist()}")
+            top = Ttrain if self.flow is not None else Ttrain - 1
+            if model_times.min() < 0 or model_times.max() > top:
+                raise ValueError(f"timesteps (the model's time at each level) must lie in [0, {top}], the model's "
+                                 f"trained times, got {model_times.tolist()}")
             model_t = torch.from_numpy(model_times).float()
         skip, self._teleport_from = self._teleport_skip(grid), None
         if skip:  # the tail of the same schedule: teleportation replaces the first ``skip`` steps
@@ -469,8 +473,9 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         lo, hi = self.config.get("sigma_min"), self.config.get("sigma_max")
         lo = math.exp(self.vp.log_sigmas[0]) if lo is None else float(lo)
         hi = math.exp(self.vp.log_sigmas[-1]) if hi is None else float(hi)
-        if not 0 < lo < hi:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
+        if not 0 < lo < hi < math.inf:
+            raise ValueError(f"sigma_min and sigma_max must be finite with 0 < sigma_min < sigma_max, got "
+                             f"sigma_min={lo}, sigma_max={hi}")
         return lo, hi
 
     def _init_step_index(self, timestep):
@@ -478,24 +483,42 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self._begin_index
             return
         j = self._index_of(timestep)
-        # diffusers' rule: the last step when the timestep is not found
-        self._step_index = len(self.timesteps) - 1 if j is None else j
+        if j is None:  # diffusers would take the last step here: a silent jump to the end of the solve
+            raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps "
+                             f"{self.timesteps.tolist()}: pass one of them, or call set_begin_index(i) first to start "
+                             f"at step i")
+        self._step_index = j
 
-    def _check_finite(self, model_output: torch.Tensor, i: int, timestep):
-        """NaN/Inf in the model output is an error naming the step.  One float64 sum (NaN and Inf propagate) is
-        the cheapest full check; on an accelerator the first bad step is kept on the device and checked once, at the
-        last step, so that ``step`` never waits for the device."""
-        total = model_output.sum(dtype=torch.float64)
-        if model_output.device.type == "cpu":
-            if not math.isfinite(float(total)):
-                raise ValueError(f"model_output contains NaN or Inf at step {i} (timestep {timestep!r})")
+    def _check_finite(self, i: int, timestep, defer: bool | None = None, **tensors):
+        """NaN/Inf in the model output, the sample or the given noise is an error naming the step and the tensor.
+        One float64 sum each (NaN and Inf propagate) is the cheapest full check.  On an accelerator (``defer``) the
+        first bad step is kept on the device so that ``step`` never waits for it: it is raised at the last step, and
+        ``nonfinite_step`` reads it at any time."""
+        totals = {k: v.sum(dtype=torch.float64) for k, v in tensors.items() if v is not None}
+        if defer is None:
+            defer = next(iter(totals.values())).device.type != "cpu"
+        if not defer:
+            bad = [k for k, v in totals.items() if not math.isfinite(float(v))]
+            if bad:
+                raise ValueError(f"{' and '.join(bad)} contains NaN or Inf at step {i} (timestep {timestep!r})")
             return
+        total = sum(totals.values())
         bad = ~torch.isfinite(total)
-        step = torch.full((), i, device=model_output.device)
-        prev = self._bad_step if self._bad_step is not None else torch.full((), -1, device=model_output.device)
+        step = torch.full((), i, device=total.device)
+        prev = self._bad_step if self._bad_step is not None else torch.full((), -1, device=total.device)
         self._bad_step = torch.where((prev < 0) & bad, step, prev)
-        if i == self.num_inference_steps - 1 and int(self._bad_step) >= 0:
-            raise ValueError(f"model_output contained NaN or Inf at step {int(self._bad_step)}")
+        if i == self.num_inference_steps - 1 and self.nonfinite_step is not None:
+            raise ValueError(f"the model output, sample or noise contained NaN or Inf at step {self.nonfinite_step} "
+                             f"({', '.join(totals)} were checked)")
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first step of this solve whose model output, sample or noise held NaN or Inf (None: none so far).
+        On the CPU such a step raises at once; on an accelerator it raises at the last step, and reading this
+        property (one device sync) lets a loop that stops early check."""
+        if self._bad_step is None or int(self._bad_step) < 0:
+            return None
+        return int(self._bad_step)
 
     def _noise(self, i: int, like: torch.Tensor, generator, variance_noise):
         if variance_noise is not None:
@@ -518,6 +541,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if not cfg.get("thresholding", False):
             return None
+        ratio, cap = cfg.dynamic_thresholding_ratio, cfg.sample_max_value
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be a quantile in (0, 1], got {ratio!r}")
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
+            raise ValueError(f"sample_max_value must be a positive finite number (the largest threshold of the "
+                             f"data prediction), got {cap!r}")
         return lambda x0: dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True,
@@ -535,7 +564,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 model_output = model_output[:, : sample.shape[1]]
             else:
                 raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal sample shape {tuple(sample.shape)}")
-        self._check_finite(model_output, i, timestep)
+        self._check_finite(i, timestep, model_output=model_output, sample=sample, variance_noise=variance_noise)
         cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid

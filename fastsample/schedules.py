@@ -174,7 +174,11 @@ def make_betas(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_
     n = int(num_train_timesteps)
     f32 = torch.float32
     if trained_betas is not None:
-        betas = torch.as_tensor(trained_betas, dtype=f32).clone()
+        betas = torch.as_tensor(trained_betas, dtype=f32).clone().reshape(-1)
+        if betas.numel() != n or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError(f"trained_betas must be num_train_timesteps ({n}) numbers in (0, 1), got "
+                             f"{betas.numel()} values in [{float(betas.min()):.4g}, {float(betas.max()):.4g}]"
+                             if betas.numel() else f"trained_betas must be {n} numbers in (0, 1), got none")
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, n, dtype=f32)
     elif beta_schedule == "scaled_linear":

@@ -54,7 +54,14 @@ def discrete_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_off
     if spacing == "linspace":
         return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     if spacing == "leading":
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
         ratio = T // (n + 1)
+        if n * ratio + steps_offset > num_train_timesteps - 1:
+            raise ValueError(f"steps_offset={steps_offset} with timestep_spacing='leading' and {n} steps puts the first "
+                             f"timestep at {n * ratio + steps_offset}, beyond the last trained one "
+                             f"({num_train_timesteps - 1}): steps_offset must be at most "
+                             f"{max(num_train_timesteps - 1 - n * ratio, 0)}")
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
     if spacing == "trailing":
         ratio = num_train_timesteps / n

@@ -154,8 +154,16 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
     def _last_timestep(self) -> int:
         """lambda_min_clipped cuts the noisiest timesteps off (needed for squaredcos_cap_v2)."""
         lam = -torch.as_tensor(self.vp.log_sigmas)
-        clipped = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(self.config.lambda_min_clipped, dtype=lam.dtype)))
-        return self.config.num_train_timesteps - clipped
+        cut = self.config.lambda_min_clipped
+        if isinstance(cut, bool) or not isinstance(cut, (int, float)) or math.isnan(cut):
+            raise ValueError(f"lambda_min_clipped must be a number (a log-SNR; -inf keeps every timestep), got {cut!r}")
+        clipped = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(cut, dtype=lam.dtype)))
+        last = self.config.num_train_timesteps - clipped
+        if last < 2:
+            raise ValueError(f"lambda_min_clipped={cut} cuts off every timestep but {last}: the schedule's half log-SNR "
+                             f"lies in [{float(lam[-1]):.4g}, {float(lam[0]):.4g}]; lambda_min_clipped must be below "
+                             f"{float(lam[1]):.4g}")
+        return last
 
 
 from fastsample.registry import Variant, register  # noqa: E402

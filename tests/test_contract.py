@@ -256,3 +256,87 @@ def test_sigmas_outside_the_trained_range_are_an_error(cls):
     sd = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     sd.set_timesteps(sigmas=[14.615, 6.475, 3.861, 0.152, 0.0])
     assert len(sd.timesteps) == 4
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_decoupled_model_times_outside_the_trained_range_are_an_error(cls):
+    """Issue 20 F3: set_timesteps(sigmas=..., timesteps=...) sent -300 and 1e9 to the model."""
+    for bad in ([-300.0, 500.0, 10.0], [1e9, 500.0, 10.0], [999.5, 500.0, 10.0]):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 999\], the model's trained times"):
+            cls().set_timesteps(sigmas=[10.0, 1.0, 0.1, 0.0], timesteps=bad)
+    s = cls()
+    s.set_timesteps(sigmas=[10.0, 1.0, 0.1, 0.0], timesteps=[800.5, 500.0, 10.0])
+    assert s.timesteps.tolist() == [800.5, 500.0, 10.0]
+    flow = cls(use_flow_sigmas=True, prediction_type="flow_prediction")
+    flow.set_timesteps(sigmas=[1.0, 0.5, 0.1, 0.0], timesteps=[1000.0, 500.0, 100.0])  # flow time reaches 1000
+    with pytest.raises(ValueError, match=r"\[0, 1000\]"):
+        flow.set_timesteps(sigmas=[1.0, 0.5, 0.1, 0.0], timesteps=[1001.0, 500.0, 100.0])
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kw, match", [
+    (dict(trained_betas=[0.01] * 10), r"trained_betas must be num_train_timesteps \(1000\) numbers in \(0, 1\), got 10"),
+    (dict(trained_betas=[1.5] * 1000), r"trained_betas must be .* in \(0, 1\)"),
+    (dict(timestep_spacing="leading", steps_offset=5000), r"steps_offset=5000 .* at most 169"),
+    (dict(timestep_spacing="leading", steps_offset=-1), "steps_offset must be a non-negative integer, got -1"),
+    (dict(use_karras_sigmas=True, sigma_max=float("inf")), "sigma_min and sigma_max must be finite"),
+    (dict(thresholding=True, sample_max_value=-1.0), "sample_max_value must be a positive finite number, got -1"),
+    (dict(thresholding=True, dynamic_thresholding_ratio=2.0), r"dynamic_thresholding_ratio must be a quantile in \(0, 1\]"),
+])
+def test_bad_schedule_configs_are_config_errors(cls, kw, match):
+    """Issue 20 F5, F6: ZeroDivisionError, LinAlgError, a first-step torch error or x0 forced to +1 before; now a
+    ValueError naming the key, at construction or at set_timesteps."""
+    if "sigma_max" in kw and "sigma_max" not in cls.__init__.__code__.co_varnames:
+        pytest.skip(f"{cls.__name__} has no sigma_max")
+    with pytest.raises(ValueError, match=match.replace("number, got", "number .*got")):
+        cls(**kw).set_timesteps(5)
+
+
+def test_lambda_min_clipped_that_cuts_everything_is_an_error():
+    with pytest.raises(ValueError, match=r"lambda_min_clipped=1000000000.0 cuts off every timestep.*must be below 4\.2"):
+        DPMSolverPlusPlusScheduler(lambda_min_clipped=1e9).set_timesteps(5)
+    with pytest.raises(ValueError, match="lambda_min_clipped must be a number"):
+        DPMSolverPlusPlusScheduler(lambda_min_clipped=float("nan")).set_timesteps(5)
+    # diffusers' use for squaredcos_cap_v2: the noisiest steps cut, the same timesteps as diffusers
+    kw = dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)
+    ours, ref = DPMSolverPlusPlusScheduler(**kw), DPMSolverMultistepScheduler(**kw)
+    ours.set_timesteps(10), ref.set_timesteps(10)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_unknown_timestep_nan_sample_and_nan_noise_are_errors(cls, latents):
+    """Issue 20 F9: an unknown first timestep jumped silently to the last step; a NaN sample or variance_noise was
+    not checked."""
+    s = cls()
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match=r"timestep 123 is not one of this scheduler's timesteps.*set_begin_index"):
+        s.step(smooth_model(latents, 123), 123, latents)
+    bad = latents.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    t = s.timesteps[0]
+    with pytest.raises(ValueError, match="sample contains NaN or Inf at step 0"):
+        s.step(smooth_model(latents, t), t, bad)
+    s = cls(algorithm_type="sde-dpmsolver++") if cls is DPMSolverPlusPlusScheduler else cls()
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match="variance_noise contains NaN or Inf at step 0"):
+        s.step(smooth_model(latents, t), t, latents, variance_noise=bad)
+
+
+def test_deferred_nonfinite_check_is_readable_before_the_last_step(latents):
+    """Issue 20 F9: on an accelerator the NaN check does not wait for the device at each step; a loop that stops
+    early reads ``nonfinite_step``, and the last step raises."""
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(4)
+    assert s.nonfinite_step is None
+    good, bad = latents.clone(), latents.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    s._check_finite(0, 999, defer=True, model_output=good, sample=good)
+    assert s.nonfinite_step is None
+    s._check_finite(1, 700, defer=True, model_output=bad, sample=good)
+    s._check_finite(2, 400, defer=True, model_output=good, sample=good)
+    assert s.nonfinite_step == 1
+    with pytest.raises(ValueError, match="NaN or Inf at step 1"):
+        s._check_finite(3, 100, defer=True, model_output=good, sample=good)
+    s.set_timesteps(4)
+    assert s.nonfinite_step is None
