@@ -18,6 +18,7 @@ import time
 import torch
 from diffusers import UNet2DModel
 
+from fastsample import cli
 from fastsample import zoo
 
 
@@ -29,11 +30,11 @@ def build(name: str, shipped: bool):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=cli.integer(1), default=2)
+    p.add_argument("--batch-size", type=cli.integer(1), default=250)
+    p.add_argument("--repeats", type=cli.integer(1), default=7)
     p.add_argument("--shipped", action="store_true", help="the shipped folders' architectures, not fastsample.zoo's")
-    p.add_argument("--out", default=None, help="JSONL file for the figures")
+    p.add_argument("--out", type=cli.output("file", (".jsonl",)), default=None, help="JSONL file for the figures")
     args = p.parse_args(argv)
     for name in ("threads", "batch_size", "repeats"):
         if getattr(args, name) < 1:

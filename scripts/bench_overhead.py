@@ -15,6 +15,7 @@ import time
 import torch
 from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+from fastsample import cli
 from fastsample.solvers import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
 
 CASES = [
@@ -44,9 +45,9 @@ def loop_time(scheduler, x0, outputs, steps, device, generator):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--shape", type=int, nargs="+", default=[4, 4, 64, 64])
+    p.add_argument("--steps", type=cli.integer(1), default=25)
+    p.add_argument("--repeats", type=cli.integer(1), default=7)
+    p.add_argument("--shape", type=cli.integer(1), nargs="+", default=[4, 4, 64, 64])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fastsample import cli
 from fastsample.sampling import model_fn
 from fastsample import sample
 from fastsample.sampling import reference_states
@@ -67,12 +68,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbed", default="gaussian", choices=("gaussian", "digits"))
     p.add_argument("--base-solver", default="unipc", choices=("unipc", "dpmsolver++"))
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
+    p.add_argument("--nfe", type=cli.integer(3), nargs="+", default=[5, 6, 8, 10])
     p.add_argument("--model", default=None, choices=tuple(n for n, c in MODEL_CONFIGS.items() if not c[1]),
                    help="an unconditional zoo model instead of a testbed (needs --fits)")
     p.add_argument("--fits", default=None, help="with --model: the folder fit_dc.py wrote")
-    p.add_argument("--num-test", type=int, default=64, help="with --model: held-out latents")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--num-test", type=cli.integer(1), default=64, help="with --model: held-out latents")
+    p.add_argument("--threads", type=cli.integer(1), default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastsample import cli
 from fastsample.sweep import DEFAULT_SCHEDULERS, render, run_plan, run_sweep, schedulers
 
 
@@ -33,16 +34,16 @@ def main(argv=None):
     p.add_argument("--schedulers", nargs="+", default=list(DEFAULT_SCHEDULERS),
                    help=f"rows: from {', '.join(schedulers())}; variants fitted for the model (unipc3:dc, "
                    "<base>:learned[-<fit>], <base>:teleport<F>); scheduler folders; or Class{json kwargs}")
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20])
-    p.add_argument("--num", type=int, default=5000, help="samples a cell")
+    p.add_argument("--nfe", type=cli.integer(1), nargs="+", default=[5, 6, 8, 10, 15, 20])
+    p.add_argument("--num", type=cli.integer(2), default=5000, help="samples a cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--floor-nfe", type=int, default=None, help="add the converged floor: UniPC-3 at this many NFE")
-    p.add_argument("--reference-steps", type=int, default=200, help="rmse: steps of the converged UniPC-3 solve")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSONL (default results/<model>.jsonl)")
-    p.add_argument("--plot", default=None, help="PNG to render")
-    p.add_argument("--table", default=None, help="markdown table to write")
+    p.add_argument("--batch-size", type=cli.integer(1), default=250)
+    p.add_argument("--floor-nfe", type=cli.integer(1), default=None, help="add the converged floor: UniPC-3 at this many NFE")
+    p.add_argument("--reference-steps", type=cli.integer(2), default=200, help="rmse: steps of the converged UniPC-3 solve")
+    p.add_argument("--threads", type=cli.integer(1), default=None)
+    p.add_argument("--out", type=cli.output("file", (".jsonl",)), default=None, help="JSONL (default results/<model>.jsonl)")
+    p.add_argument("--plot", type=cli.output("file", (".png",)), default=None, help="PNG to render")
+    p.add_argument("--table", type=cli.output("file", (".md",)), default=None, help="markdown table to write")
     args = p.parse_args(argv)
     import torch
 

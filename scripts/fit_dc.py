@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample import cli
 from fastsample.sampling import model_fn
 from fastsample import zoo
 from fastsample.guidance.cfg import ClassifierFreeGuidance
@@ -28,22 +29,20 @@ from fastsample.solvers.learned_schedule import model_hash
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fmnist-large", choices=tuple(zoo.MODEL_CONFIGS))
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
-    p.add_argument("--guidance-scale", type=float, nargs="+", default=[1.0], help="conditional model only")
+    p.add_argument("--nfe", type=cli.integer(3), nargs="+", default=[5, 6, 8, 10])
+    p.add_argument("--guidance-scale", type=cli.number(0.0), nargs="+", default=[1.0], help="conditional model only")
     p.add_argument("--base-solver", default="unipc", choices=("unipc", "dpmsolver++"))
     p.add_argument("--solver-type", default="bh1", choices=("bh1", "bh2"),
                    help="UniPC base: the corrector's B(h) (bh1 as in the DC-Solver paper; bh2 is diffusers' default)")
-    p.add_argument("--num", type=int, default=10, help="fitting latents")
-    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--num", type=cli.integer(1), default=10, help="fitting latents")
+    p.add_argument("--iterations", type=cli.integer(1), default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--leave-one-out", action="store_true",
                    help="also write <out>/cpr-without-nfe<N>: the CPR fitted on the other NFEs' fits, to measure how "
                         "much of the fitted gain it keeps at an NFE it never saw")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=cli.integer(1), default=None)
+    p.add_argument("--out", type=cli.output("dir"), default=None)
     args = p.parse_args(argv)
-    if min(args.nfe) < 3:
-        p.error(f"--nfe values must be >= 3 (compensation starts at the third step), got {args.nfe}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"dc/{args.model}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample import cli
 from fastsample import zoo
 from fastsample.guidance.fkc import FKCSampler
 from fastsample.metrics import class_accuracy, fid
@@ -67,17 +68,17 @@ def render(records, table=None) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmnist-cond")
-    ap.add_argument("--scales", nargs="+", type=float, default=[1.5, 3.0, 5.0])
+    ap.add_argument("--scales", nargs="+", type=cli.number(0.0), default=[1.5, 3.0, 5.0])
     ap.add_argument("--methods", nargs="+", default=["cfg", "fkc"], choices=["cfg", "fkc"])
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--per-class", type=int, default=100)
-    ap.add_argument("--particles", type=int, default=4)
+    ap.add_argument("--steps", type=cli.integer(1), default=25)
+    ap.add_argument("--per-class", type=cli.integer(1), default=100)
+    ap.add_argument("--particles", type=cli.integer(1), default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clip", type=float, default=None, help="FKC: clamp centred log-weight increments")
-    ap.add_argument("--batch-images", type=int, default=100, help="images per batch (times particles for FKC)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="results/fkc-cfg.jsonl")
-    ap.add_argument("--table", default=None)
+    ap.add_argument("--clip", type=cli.number(0.0, open_min=True), default=None, help="FKC: clamp centred log-weight increments")
+    ap.add_argument("--batch-images", type=cli.integer(1), default=100, help="images per batch (times particles for FKC)")
+    ap.add_argument("--threads", type=cli.integer(1), default=None)
+    ap.add_argument("--out", type=cli.output("file", (".jsonl",)), default="results/fkc-cfg.jsonl")
+    ap.add_argument("--table", type=cli.output("file", (".md",)), default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from fastsample import cli
 from fastsample.guidance.fkc import FKCSampler
 from fastsample.testbeds import FKC_TARGETS, fkc_case
 
@@ -29,12 +30,12 @@ def total_variation(target: str, dim: int, particles: int, steps: int, seed: int
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=list(FKC_TARGETS), choices=FKC_TARGETS)
-    ap.add_argument("--dims", nargs="+", type=int, default=[2, 16], help="dimensions (product only: others use 2)")
-    ap.add_argument("--particles", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--ess-threshold", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dims", nargs="+", type=cli.integer(1), default=[2, 16], help="dimensions (product only: others use 2)")
+    ap.add_argument("--particles", type=cli.integer(2), default=2000)
+    ap.add_argument("--steps", type=cli.integer(1), default=200)
+    ap.add_argument("--seeds", type=cli.integer(1), default=4)
+    ap.add_argument("--ess-threshold", type=cli.number(0.0, 1.0), default=0.5)
+    ap.add_argument("--threads", type=cli.integer(1), default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

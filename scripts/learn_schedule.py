@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample import cli
 from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.sampling import reference_states
@@ -52,37 +53,45 @@ def scheduler_choices() -> tuple:
     return tuple(info.name for info in solvers() if info.name != "dc")
 
 
+GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "eval_every", "ball", "scales", "decouple_time", "select_on",
+                    "teleport_fraction")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fmnist-large", choices=tuple(zoo.MODEL_CONFIGS))
     p.add_argument("--scheduler", default="unipc", choices=scheduler_choices())
-    p.add_argument("--order", type=int, default=3)
-    p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="conditional model only")
-    p.add_argument("--num", type=int, default=32, help="fitting latents")
-    p.add_argument("--validation", type=int, default=64, help="held-out latents")
-    p.add_argument("--fine-steps", type=int, default=60)
+    p.add_argument("--order", type=cli.integer(1, 3), default=3)
+    p.add_argument("--nfe", type=cli.integer(1), nargs="+", default=[4, 5, 6, 8, 10])
+    p.add_argument("--guidance-scale", type=cli.number(0.0), default=3.0, help="conditional model only")
+    p.add_argument("--num", type=cli.integer(1), default=32, help="fitting latents")
+    p.add_argument("--validation", type=cli.integer(1), default=64, help="held-out latents")
+    p.add_argument("--fine-steps", type=cli.integer(2), default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="dp", choices=("dp", "gradient"))
-    p.add_argument("--iterations", type=int, default=200, help="gradient: Adam iterations")
-    p.add_argument("--batch-size", type=int, default=10, help="gradient: latents per iteration")
-    p.add_argument("--lr", type=float, default=0.05, help="gradient: Adam's step size")
-    p.add_argument("--eval-every", type=int, default=10,
+    p.add_argument("--iterations", type=cli.integer(1), default=200, help="gradient: Adam iterations")
+    p.add_argument("--batch-size", type=cli.integer(1), default=10, help="gradient: latents per iteration")
+    p.add_argument("--lr", type=cli.number(0.0, open_min=True), default=0.05, help="gradient: Adam's step size")
+    p.add_argument("--eval-every", type=cli.integer(1), default=10,
                    help="gradient: check the whole fitting set this often and keep the best iterate")
-    p.add_argument("--ball", type=float, default=0.0, help="gradient: LD3's start-noise relaxation radius")
+    p.add_argument("--ball", type=cli.number(0.0), default=0.0, help="gradient: LD3's start-noise relaxation radius")
     p.add_argument("--scales", action="store_true", help="gradient: also fit per-step prediction scales")
     p.add_argument("--decouple-time", action="store_true", help="gradient: fit the model's time apart from the levels")
     p.add_argument("--select-on", default="validation", choices=("validation", "fit"),
                    help="gradient: choose the best iterate on the held-out latents (default; unconditional models) "
                         "or on the fitting ones")
-    p.add_argument("--teleport-fraction", type=float, default=None,
+    p.add_argument("--teleport-fraction", type=cli.number(0.0, 1.0, open_max=True), default=None,
                    help="gradient: teleport this share of the steps with the shipped Fashion-MNIST statistics and fit "
                         "the steps left (against the converged solve over the full interval)")
     p.add_argument("--parameterization", default="epsilon", choices=zoo.PARAMETERIZATIONS,
                    help="flow: fit on the model's flow view (zoo.load(..., parameterization='flow'), FlowMatch's grid)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=cli.integer(1), default=None)
+    p.add_argument("--out", type=cli.output("dir"), default=None)
     args = p.parse_args(argv)
+    if args.method == "dp":  # the gradient method's options would be ignored silently
+        given = [f"--{k.replace('_', '-')}" for k in GRADIENT_OPTIONS if getattr(args, k) != p.get_default(k)]
+        if given:
+            p.error(f"{', '.join(given)} apply to --method gradient only (the dp method fits the levels alone)")
     unet = zoo.load(args.model, parameterization=args.parameterization)
     flow = args.parameterization == "flow"
     config = zoo.FLOW_CONFIG if flow else zoo.SCHEDULER_CONFIG

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from fastsample import cli
 from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.data import image_grid
@@ -57,17 +58,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fmnist-large" if "fmnist-large" in zoo.available() else "shapes",
                    choices=MODELS)
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (fmnist-cond)")
+    p.add_argument("--guidance-scale", type=cli.number(0.0), default=3.0, help="classifier-free guidance (fmnist-cond)")
     p.add_argument("--scheduler", default="unipc", choices=scheduler_choices())
-    p.add_argument("--order", type=int, default=None, help="solver_order (default: the scheduler's)")
-    p.add_argument("--nfe", type=int, default=10, help="model calls (= inference steps)")
-    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--order", type=cli.integer(1, 3), default=None, help="solver_order (default: the scheduler's)")
+    p.add_argument("--nfe", type=cli.integer(1), default=10, help="model calls (= inference steps)")
+    p.add_argument("--num", type=cli.integer(1), default=16, help="number of images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--out", default="outputs/sample.png")
+    p.add_argument("--size", type=cli.integer(8), default=32, help="image size (the shapes model; the Fashion-MNIST models are 32)")
+    p.add_argument("--out", type=cli.output("file", (".png", ".jpg", ".jpeg", ".webp")), default="outputs/sample.png")
     args = p.parse_args(argv)
-    if args.nfe < 1 or args.num < 1:
-        p.error("--nfe and --num must be >= 1")
     if args.model != "shapes" and args.size != 32:
         p.error("the Fashion-MNIST models are 32x32: --size must be 32")
     model = make_model(args.model, args.num, args.size, args.guidance_scale)

@@ -11,18 +11,19 @@ import time
 
 import torch
 
+from fastsample import cli
 from fastsample.data import load_fashion_mnist
 from fastsample.metrics import FEATURES_DIR, FeatureNet, extract
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=cli.integer(1), default=5)
+    p.add_argument("--batch-size", type=cli.integer(1), default=128)
+    p.add_argument("--lr", type=cli.number(0.0, open_min=True), default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(FEATURES_DIR))
+    p.add_argument("--threads", type=cli.integer(1), default=None)
+    p.add_argument("--out", type=cli.output("dir"), default=str(FEATURES_DIR))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastsample import cli
 from fastsample.sampling import model_fn
 from fastsample import sample, zoo
 from fastsample.guidance.tstitch import StitchedModel
@@ -113,19 +114,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", default="fmnist-small", choices=UNCONDITIONAL)
     p.add_argument("--large", default="fmnist-large", choices=UNCONDITIONAL)
-    p.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
-    p.add_argument("--fractions", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
+    p.add_argument("--nfe", type=cli.integer(1), nargs="+", default=[10, 20])
+    p.add_argument("--fractions", type=cli.number(0.0, 1.0), nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
     p.add_argument("--metrics", nargs="+", default=["rmse", "fid"], choices=("rmse", "fid"))
-    p.add_argument("--num", type=int, default=2000, help="samples a FID cell")
-    p.add_argument("--num-rmse", type=int, default=500, help="held-out noises a trajectory-error cell")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--time-batch", type=int, default=100, help="images in the timed batch")
-    p.add_argument("--time-repeats", type=int, default=3, help="timed repeats per fraction (the fastest is kept)")
+    p.add_argument("--num", type=cli.integer(2), default=2000, help="samples a FID cell")
+    p.add_argument("--num-rmse", type=cli.integer(1), default=500, help="held-out noises a trajectory-error cell")
+    p.add_argument("--batch-size", type=cli.integer(1), default=250)
+    p.add_argument("--time-batch", type=cli.integer(1), default=100, help="images in the timed batch")
+    p.add_argument("--time-repeats", type=cli.integer(1), default=3, help="timed repeats per fraction (the fastest is kept)")
     p.add_argument("--seed", type=int, default=1, help="held-out noise (the fits use generator 0)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="results/fmnist-large/tstitch.jsonl")
-    p.add_argument("--plot", default=None)
-    p.add_argument("--table", default=None)
+    p.add_argument("--threads", type=cli.integer(1), default=None)
+    p.add_argument("--out", type=cli.output("file", (".jsonl",)), default="results/fmnist-large/tstitch.jsonl")
+    p.add_argument("--plot", type=cli.output("file", (".png",)), default=None)
+    p.add_argument("--table", type=cli.output("file", (".md",)), default=None)
     args = p.parse_args(argv)
     if any(not 0 <= f <= 1 for f in args.fractions):
         p.error(f"--fractions must lie in [0, 1], got {args.fractions}")

@@ -56,13 +56,20 @@ class DynamicCompensation:
         return (q,) + hist[1:]
 
 
-def check_ratios(ratios, num_steps: int) -> list[float]:
+# a ratio rho puts the compensated prediction at t_i + (rho - 1)(t_i - t_{i-1}): beyond 2 intervals either side of
+# t_i the Lagrange extrapolation is no longer a compensation (rho = -100 gave |x| ~ 1e31)
+RATIO_RANGE = (-1.0, 3.0)
+
+
+def check_ratios(ratios, num_steps: int, source: str = "dc_ratios") -> list[float]:
     ratios = [float(r) for r in ratios]
     if len(ratios) != num_steps:
-        raise ValueError(f"dc_ratios must have one ratio per step ({num_steps}), got {len(ratios)}")
-    bad = [r for r in ratios if not math.isfinite(r)]
+        raise ValueError(f"{source} must have one ratio per step ({num_steps}), got {len(ratios)}")
+    lo, hi = RATIO_RANGE
+    bad = [r for r in ratios if not lo <= r <= hi]  # NaN fails too
     if bad:
-        raise ValueError(f"dc_ratios must be finite, got {bad}")
+        raise ValueError(f"{source} must be finite ratios in [{lo}, {hi}] (1: no compensation), got {bad} in "
+                         f"{ratios}")
     return ratios
 
 
@@ -128,6 +135,9 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     from fastsample.parameterization import convert
     from fastsample.sampling import model_output, reference_states
 
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1 (0 would record every ratio as 1, unfitted), got "
+                         f"{iterations!r}")
     scheduler.set_timesteps(num_inference_steps)
     grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
     n = grid.num_steps
@@ -169,7 +179,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
                 x, state = solver.step(grid, state, x, pred)
     finally:
         solver.compensation = saved
-    return ratios
+    return check_ratios(ratios, n, f"the ratios fitted for {n} steps")
 
 
 # ---------------------------------------------------------------------------- diffusers scheduler
@@ -239,7 +249,8 @@ class DCSolverScheduler(FastScheduler):
         if c.dc_ratios is not None:
             ratios = check_ratios(c.dc_ratios, n)
         elif c.cpr is not None:
-            ratios = CPR.from_dict(c.cpr).predict(n, c.cpr_guidance_scale)
+            ratios = check_ratios(CPR.from_dict(c.cpr).predict(n, c.cpr_guidance_scale), n,
+                                  f"the CPR-predicted ratios for {n} steps at guidance {c.cpr_guidance_scale}")
         else:
             ratios = [1.0] * n
         self.solver.compensation = DynamicCompensation(ratios, c.dc_order)

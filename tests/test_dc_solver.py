@@ -100,7 +100,8 @@ def test_config_round_trips_ratios_and_cpr(tmp_path, latents):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(dc_ratios=[1.0, float("nan")]), "dc_ratios must be finite"),
+    (dict(dc_ratios=[1.0, float("nan")]), r"dc_ratios must be finite ratios in \[-1.0, 3.0\]"),
+    (dict(dc_ratios=[1.0, -100.0]), r"dc_ratios must be finite ratios in \[-1.0, 3.0\] \(1: no compensation\), got \[-100.0\]"),
     (dict(dc_order=3), "dc_order must be one of"),
     (dict(base_solver="ddim"), "base_solver must be one of"),
 ])
@@ -118,3 +119,13 @@ def test_bad_ratio_length_and_foreign_cpr(tmp_path):
         DCSolverScheduler(cpr=str(tmp_path / "cpr.json"))
     with pytest.raises(ValueError, match="36 finite coefficients"):
         CPR([math.inf] * 36, "unipc")
+
+
+def test_cpr_predicted_and_fitted_ratios_are_checked(gaussian):
+    """Issue 20 F7: a ratio of -100 gave |x| ~ 1e31 and a NaN reported as the model's; CPR's predictions were not
+    checked; 0 fitting iterations recorded unfitted ratios of 1 as a fit."""
+    sch = DCSolverScheduler(cpr=CPR([-1e4] * 36, "unipc").to_dict())  # ratios far below -1
+    with pytest.raises(ValueError, match=r"the CPR-predicted ratios for 6 steps at guidance 1.0 must be finite ratios"):
+        sch.set_timesteps(6)
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        fit_dc_ratios(gaussian, DCSolverScheduler(**SCHEDULER_CONFIG), torch.randn(2, 64, dtype=F64), 5, iterations=0)
