@@ -30,6 +30,7 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
     """
     if scheduler is None or isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler or "unipc")
+    check_fitted_to(scheduler, model)
     custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
     # diffusers' schedulers take only the keywords they know (DPMSolverMultistepScheduler has no sigmas=)
     scheduler.set_timesteps(None if custom else num_inference_steps, device=noise.device, **custom)
@@ -46,6 +47,20 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
             y = callback(i, t, x)
             x = x if y is None else y
     return x, nfe
+
+
+def check_fitted_to(scheduler, model) -> None:
+    """Warn when ``scheduler`` carries a learned schedule fitted to other weights than ``model``'s."""
+    fitted_to = getattr(scheduler, "config", {}).get("learned_model_hash")
+    if fitted_to:
+        from .solvers.learned_schedule import model_hash
+
+        ours = model_hash(model)
+        if ours and ours != fitted_to:
+            import warnings
+
+            warnings.warn(f"this scheduler's learned schedule was learned for another model (weights hash "
+                          f"{fitted_to}, this model's is {ours}): refit it for these weights", stacklevel=3)
 
 
 def make_scheduler(name: str, **config):

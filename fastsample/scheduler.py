@@ -78,8 +78,17 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             config = flow_match_config(config)
         elif config is not None and "shift" in config:  # our own FlowMatch-named copy of flow_shift, set again below
             config = {k: v for k, v in dict(config).items() if k != "shift"}
+        # the weights hash a learned schedule in the config was fitted to (fastsample.sample warns on a mismatch)
+        fitted_to = (dict(config) if config is not None else {}).get("learned_model_hash")
+        if config is not None and "learned_model_hash" in config:
+            config = {k: v for k, v in dict(config).items() if k != "learned_model_hash"}
         out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         model = out[0] if return_unused_kwargs else out
+        if fitted_to is not None:
+            if not isinstance(fitted_to, str) or model.config.get("learned_timesteps") is None:
+                raise ValueError(f"learned_model_hash is the weights hash of a learned schedule in the config (a "
+                                 f"string, with learned_timesteps), got {fitted_to!r}")
+            model.register_to_config(learned_model_hash=fitted_to)
         if model.flow is not None:  # a stale FlowMatch ``shift`` from the source config must not win over ours
             model.register_to_config(shift=model.config.get("flow_shift", 1.0))
         return out
@@ -494,7 +503,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         One float64 sum each (NaN and Inf propagate) is the cheapest full check.  On an accelerator (``defer``) the
         first bad step is kept on the device so that ``step`` never waits for it: it is raised at the last step, and
         ``nonfinite_step`` reads it at any time."""
-        totals = {k: v.sum(dtype=torch.float64) for k, v in tensors.items() if v is not None}
+        totals = {k: v.detach().sum(dtype=torch.float64) for k, v in tensors.items() if v is not None}
         if defer is None:
             defer = next(iter(totals.values())).device.type != "cpu"
         if not defer:

@@ -23,7 +23,7 @@ import math
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,13 +50,32 @@ class LearnedSchedule:
 
     @classmethod
     def load(cls, path) -> "LearnedSchedule":
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not a learned schedule (not JSON: {e})") from None
+        fields = set(cls.__dataclass_fields__)
+        required = {n for n, f in cls.__dataclass_fields__.items() if f.default is MISSING
+                    and f.default_factory is MISSING}
+        if not isinstance(d, dict) or not required <= set(d) or not set(d) <= fields:
+            keys = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{path} is not a learned schedule: it needs the keys {sorted(required)} (and may have "
+                             f"{sorted(fields - required)}), got {keys}")
         s = cls(**d)
-        s.check()
+        try:
+            s.check()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return s
 
     def check(self):
         t = self.timesteps
+        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
+            raise ValueError(f"nfe must be a positive integer, got {self.nfe!r}")
+        for name in ("timesteps", "sigmas", "scales"):
+            values = getattr(self, name)
+            if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite numbers, got {values}")
         if len(t) != self.nfe or len(self.sigmas) != self.nfe + 1:
             raise ValueError(f"a schedule for {self.nfe} NFE needs {self.nfe} timesteps and {self.nfe + 1} sigmas, "
                              f"got {len(t)} and {len(self.sigmas)}")
@@ -64,6 +83,10 @@ class LearnedSchedule:
             raise ValueError(f"sigmas must be non-negative and strictly decreasing, got {self.sigmas}")
         if self.scales is not None and len(self.scales) != self.nfe:
             raise ValueError(f"a schedule for {self.nfe} NFE needs {self.nfe} scales, got {len(self.scales)}")
+        if self.scales is not None and min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive, got {self.scales}")
+        if min(t) < 0:
+            raise ValueError(f"timesteps (model times) must be non-negative, got {t}")
 
     def apply(self, scheduler, model=None):
         """``scheduler.set_timesteps`` with this schedule; warns when ``model``'s weights differ from the fitted one."""
@@ -98,17 +121,69 @@ class LearnedSchedule:
         scales = None if self.scales is None else list(self.scales)
         sigmas = list(self.sigmas[:-1]) if self.decoupled else None
         return type(base).from_config({**config, "learned_timesteps": list(self.timesteps), "learned_scales": scales,
-                                       "learned_sigmas": sigmas})
+                                       "learned_sigmas": sigmas, "learned_model_hash": self.model_hash or None})
+
+
+def modules_in(model, depth: int = 4) -> list:
+    """The torch modules a model callable holds: the module itself, or those a wrapper reaches (a lambda's or
+    closure's captured variables, a ``functools.partial``, a bound method's object, a wrapper object's attributes),
+    outermost first and each once."""
+    found, seen = [], set()
+
+    def visit(obj, d):
+        if id(obj) in seen or d < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            found.append(obj)
+            return
+        if isinstance(obj, (list, tuple)):
+            children = list(obj)
+        elif isinstance(obj, dict):
+            children = list(obj.values())
+        elif callable(obj) or hasattr(obj, "__dict__"):
+            children = [getattr(obj, "__self__", None), getattr(obj, "func", None), getattr(obj, "__wrapped__", None)]
+            children += list(getattr(obj, "args", ()) or ()) if isinstance(getattr(obj, "args", None), tuple) else []
+            children += [c.cell_contents for c in (getattr(obj, "__closure__", None) or ()) if _filled(c)]
+            fn_globals = getattr(getattr(obj, "__code__", None), "co_names", ())
+            children += [getattr(obj, "__globals__", {}).get(n) for n in fn_globals]
+            if not isinstance(obj, type) and not hasattr(obj, "__code__"):
+                children += list(getattr(obj, "__dict__", {}).values())
+        else:
+            return
+        for c in children:
+            if c is not None and not isinstance(c, (str, bytes, int, float, bool, type)) and not _is_module_obj(c):
+                visit(c, d - 1)
+
+    visit(model, depth)
+    return found
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _is_module_obj(obj) -> bool:
+    import types
+
+    return isinstance(obj, types.ModuleType)
 
 
 def model_hash(model) -> str:
-    """A short hash of a torch module's weights ("" for a plain callable)."""
-    if not isinstance(model, torch.nn.Module):
+    """A short hash of the weights a model callable holds: a torch module's, or those of the modules a wrapper
+    (a lambda, a closure, classifier-free guidance) reaches (``modules_in``); "" when it holds none."""
+    modules = modules_in(model)
+    if not modules:
         return ""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for i, module in enumerate(modules):
+        for k, v in sorted(module.state_dict().items()):
+            h.update(f"{i}.{k}".encode() if i else k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -29,6 +29,8 @@ class GaussianStats:
     count: int = 0        # samples the statistics were computed from
 
     def __post_init__(self):
+        if not self.shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.shape):
+            raise ValueError(f"the sample shape must be positive integers, got {self.shape!r}")
         d = math.prod(self.shape)
         if self.mean.shape != (d,) or self.evecs.shape[0] != d or self.evecs.shape[1] != self.evals.shape[0]:
             raise ValueError(f"inconsistent statistics: mean {tuple(self.mean.shape)}, evecs {tuple(self.evecs.shape)}, "
@@ -36,6 +38,12 @@ class GaussianStats:
         for name in ("mean", "evecs", "evals"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"the statistics' {name} contains NaN or Inf")
+        if self.rank and float(self.evals.min()) < 0:  # a variance; negative ones gave NaN latents
+            raise ValueError(f"the statistics' evals (variances) must be >= 0, got a minimum of {float(self.evals.min()):.4g}")
+        gram = self.evecs.T.to(F64) @ self.evecs.to(F64)
+        if self.rank and float((gram - torch.eye(self.rank, dtype=F64)).abs().max()) > 1e-4:
+            raise ValueError("the statistics' evecs must have orthonormal columns (max |E^T E - I| "
+                             f"{float((gram - torch.eye(self.rank, dtype=F64)).abs().max()):.3g} > 1e-4)")
 
     @property
     def rank(self) -> int:
@@ -48,7 +56,10 @@ class GaussianStats:
         mean = total / n
         cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
         evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
-        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        if float(evals.min()) < -1e-9 * max(float(evals.max()), 1e-300) * len(evals):
+            raise ValueError(f"the covariance is not positive semi-definite (eigenvalue {float(evals.min()):.4g}): "
+                             f"the moments are not those of one set of samples")
+        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)  # only round-off below 0 is set to 0
         if rank is not None:
             if not 1 <= rank <= len(evals):
                 raise ValueError(f"rank must be in [1, {len(evals)}], got {rank}")
@@ -88,13 +99,26 @@ class GaussianStats:
     def load(cls, path) -> "GaussianStats":
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "shape" not in meta:
-            raise ValueError(f"{path} is not a GaussianStats file (no sample shape in its metadata)")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, names = f.metadata() or {}, set(f.keys())
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors' own error types
+            raise ValueError(f"{path} is not a safetensors file ({e})") from None
+        missing = {"mean", "evecs", "evals"} - names
+        if "shape" not in meta or missing:
+            raise ValueError(f"{path} is not a GaussianStats file: it needs the tensors mean, evecs and evals and a "
+                             f"sample shape in its metadata; missing {sorted(missing) + ([] if 'shape' in meta else ['shape'])}")
+        try:
+            shape, count = tuple(json.loads(meta["shape"])), int(meta.get("count", 0))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad metadata (shape {meta.get('shape')!r}, count {meta.get('count')!r}): {e}") from None
         t = load_file(str(path))
-        return cls(t["mean"].to(F64), t["evecs"].to(F64), t["evals"].to(F64), tuple(json.loads(meta["shape"])),
-                   int(meta.get("count", 0)))
+        try:
+            return cls(t["mean"].to(F64), t["evecs"].to(F64), t["evals"].to(F64), shape, count)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def teleport(self, noise: torch.Tensor, alpha_from: float, sigma_from: float, alpha_to: float,
                  sigma_to: float) -> torch.Tensor:

@@ -297,3 +297,88 @@ def test_gradient_fit_chooses_its_iterate_on_validation(problem):
     with pytest.raises(ValueError, match="validation must be"):
         learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient",
                        gradient_options={"iterations": 1, "validation": (val, val_ref[:3])})
+
+
+def test_schedule_files_are_validated_when_loaded(problem, tmp_path):
+    """Issue 20 F12: NaN sigmas passed check(); a broken file gave a raw KeyError or JSONDecodeError."""
+    import json
+
+    gm, train, _ = problem
+    s = learn_schedule(gm, UniPCScheduler(), train, 4)
+    good = json.loads(json.dumps(s.__dict__))
+    cases = [({"sigmas": [float("nan")] + good["sigmas"][1:]}, "sigmas must be finite numbers"),
+             ({"timesteps": [-5.0] + good["timesteps"][1:]}, "timesteps .* must be non-negative"),
+             ({"scales": [1.0, 0.0, 1.0, 1.0]}, "scales must be positive"),
+             ({"nfe": 0}, "nfe must be a positive integer")]
+    for i, (change, match) in enumerate(cases):
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=f"bad{i}.json: {match}"):
+            LearnedSchedule.load(path)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not a learned schedule \\(not JSON"):
+        LearnedSchedule.load(tmp_path / "broken.json")
+    (tmp_path / "keys.json").write_text(json.dumps({"timesteps": [1.0]}))
+    with pytest.raises(ValueError, match="keys.json is not a learned schedule: it needs the keys"):
+        LearnedSchedule.load(tmp_path / "keys.json")
+    decoupled = LearnedSchedule(**{**good, "extra": {"decoupled_time": True}, "timesteps": [1e9, 500.0, 200.0, 50.0]})
+    with pytest.raises(ValueError, match=r"must lie in \[0, 999\]"):  # out-of-range model times are not applied
+        decoupled.apply(UniPCScheduler())
+
+
+def test_weights_hash_is_taken_through_wrappers():
+    """Issue 20 F12: the shipped schedules recorded model_hash "" because a lambda was passed."""
+    import functools
+
+    from fastsample.solvers.learned_schedule import model_hash
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 3)
+    h = model_hash(net)
+    assert len(h) == 16
+    assert model_hash(lambda x, t: net(x)) == model_hash(functools.partial(net.forward)) == model_hash(net.forward) == h
+
+    class Wrapper:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, x, t):
+            return self.model(x)
+
+    assert model_hash(Wrapper(net)) == h
+    assert model_hash(lambda x, t: x) == ""
+    other = torch.nn.Linear(3, 3)
+    assert model_hash(other) != h
+
+
+def test_a_shipped_schedule_used_with_other_weights_warns(tmp_path):
+    """Every shipped schedule records the weights it was fitted to, as its JSON and as its scheduler folder
+    (learned_model_hash); LearnedSchedule.apply and fastsample.sample warn for other weights, and a save/load keeps
+    the hash."""
+    from pathlib import Path
+
+    from fastsample import sample
+
+    root = Path(__file__).resolve().parent.parent / "schedules" / "fmnist-large"
+    shipped = sorted(root.glob("*.json"))
+    assert shipped
+    torch.manual_seed(0)
+    other = torch.nn.Conv2d(1, 1, 1)
+    for path in shipped:
+        s = LearnedSchedule.load(path)
+        assert len(s.model_hash) == 16, path
+        folder = UniPCScheduler.from_pretrained(path.with_suffix("")) if "unipc" in path.name else None
+        if folder is not None:
+            assert folder.config.learned_model_hash == s.model_hash, path
+    s = LearnedSchedule.load(root / "unipc3-nfe5.json")
+    with pytest.warns(UserWarning, match="learned for another model"):
+        s.apply(UniPCScheduler(), model=other)
+    sch = UniPCScheduler.from_pretrained(root / "unipc3-nfe5")
+    sch.save_pretrained(tmp_path / "copy")
+    moved = UniPCScheduler.from_pretrained(tmp_path / "copy")
+    assert moved.config.learned_model_hash == s.model_hash
+    model = lambda x, t: other(x)  # noqa: E731
+    with pytest.warns(UserWarning, match="learned schedule was learned for another model"):
+        sample(model, torch.randn(1, 1, 4, 4), moved, 5, progress=False)
+    with pytest.raises(ValueError, match="learned_model_hash is the weights hash of a learned schedule"):
+        UniPCScheduler.from_config({**UniPCScheduler().config, "learned_model_hash": 5})

@@ -234,3 +234,42 @@ def test_shipped_statistics_are_named_not_copied(tmp_path):
     for f in (root / "schedules").glob("*/*/scheduler_config.json"):
         value = json.loads(f.read_text()).get("teleport_stats")
         assert value is None or not Path(value).is_absolute(), f
+
+
+def test_statistics_files_are_validated_when_loaded(tmp_path):
+    """Issue 20 F11: negative eigenvalues gave NaN latents silently; a missing tensor or bad metadata gave a raw
+    KeyError or JSONDecodeError without the file's name."""
+    from safetensors.torch import save_file
+
+    from fastsample.solvers.teleport import GaussianStats
+
+    g = torch.Generator().manual_seed(0)
+    good = GaussianStats.from_samples(torch.randn(50, 2, 3, generator=g, dtype=F64), rank=4)
+    tensors = {"mean": good.mean, "evecs": good.evecs, "evals": good.evals}
+    meta = {"shape": "[2, 3]", "count": "50"}
+    cases = [
+        ({**tensors, "evals": -good.evals}, meta, r"evals \(variances\) must be >= 0"),
+        ({**tensors, "evecs": 2 * good.evecs}, meta, "orthonormal columns"),
+        ({k: v for k, v in tensors.items() if k != "evecs"}, meta, r"missing \['evecs'\]"),
+        (tensors, {"count": "50"}, r"missing \['shape'\]"),
+        (tensors, {"shape": "[2, 3", "count": "50"}, "bad metadata"),
+        (tensors, {"shape": "[2, 4]", "count": "50"}, "inconsistent statistics"),
+        (tensors, {"shape": "[0, 3]", "count": "50"}, "sample shape must be positive integers"),
+        ({**tensors, "mean": torch.full_like(good.mean, float("nan"))}, meta, "mean contains NaN"),
+    ]
+    for i, (t, m, match) in enumerate(cases):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in t.items()}, str(path), metadata=m)
+        with pytest.raises(ValueError, match=f"bad{i}.safetensors"):
+            GaussianStats.load(path)
+        with pytest.raises(ValueError, match=match):
+            GaussianStats.load(path)
+    (tmp_path / "text.safetensors").write_text("not a tensor file")
+    with pytest.raises(ValueError, match="text.safetensors is not a safetensors file"):
+        GaussianStats.load(tmp_path / "text.safetensors")
+    path = tmp_path / "good.safetensors"
+    good.save(path)
+    again = GaussianStats.load(path)
+    assert torch.equal(again.evals, good.evals) and again.shape == (2, 3)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        GaussianStats.from_moments(10, torch.zeros(2, dtype=F64), -torch.eye(2, dtype=F64), (2,))
