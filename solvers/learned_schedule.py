@@ -74,8 +74,14 @@ class LearnedSchedule:
             raise ValueError(f"nfe must be a positive integer, got {self.nfe!r}")
         for name in ("timesteps", "sigmas", "scales"):
             values = getattr(self, name)
-            if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                raise ValueError(f"{name} must be finite numbers, got {values}")
+            if values is None and name == "scales":
+                continue
+            if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be a list of finite numbers, got {values!r}")
+        for name, kinds in (("solver", str), ("method", str), ("model_hash", str), ("extra", dict)):
+            if not isinstance(getattr(self, name), kinds):
+                raise ValueError(f"{name} must be a {kinds.__name__}, got {getattr(self, name)!r}")
         if len(t) != self.nfe or len(self.sigmas) != self.nfe + 1:
             raise ValueError(f"a schedule for {self.nfe} NFE needs {self.nfe} timesteps and {self.nfe + 1} sigmas, "
                              f"got {len(t)} and {len(self.sigmas)}")
