@@ -306,7 +306,7 @@ def test_schedule_files_are_validated_when_loaded(problem, tmp_path):
     gm, train, _ = problem
     s = learn_schedule(gm, UniPCScheduler(), train, 4)
     good = json.loads(json.dumps(s.__dict__))
-    cases = [({"sigmas": [float("nan")] + good["sigmas"][1:]}, "sigmas must be finite numbers"),
+    cases = [({"sigmas": [float("nan")] + good["sigmas"][1:]}, "sigmas must be a list of finite numbers"),
              ({"timesteps": [-5.0] + good["timesteps"][1:]}, "timesteps .* must be non-negative"),
              ({"scales": [1.0, 0.0, 1.0, 1.0]}, "scales must be positive"),
              ({"nfe": 0}, "nfe must be a positive integer")]
