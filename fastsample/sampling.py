@@ -50,8 +50,8 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
 
 
 def check_fitted_to(scheduler, model) -> None:
-    """Warn when ``scheduler`` carries a learned schedule fitted to other weights than ``model``'s."""
-    fitted_to = getattr(scheduler, "config", {}).get("learned_model_hash")
+    """Warn when ``scheduler`` carries a learned schedule or DC ratios fitted to other weights than ``model``'s."""
+    fitted_to = getattr(scheduler, "config", {}).get("fitted_model_hash")
     if fitted_to:
         from .solvers.learned_schedule import model_hash
 
@@ -59,7 +59,7 @@ def check_fitted_to(scheduler, model) -> None:
         if ours and ours != fitted_to:
             import warnings
 
-            warnings.warn(f"this scheduler's learned schedule was learned for another model (weights hash "
+            warnings.warn(f"this scheduler's fitted schedule or ratios were learned for another model (weights hash "
                           f"{fitted_to}, this model's is {ours}): refit it for these weights", stacklevel=3)
 
 

@@ -78,17 +78,19 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             config = flow_match_config(config)
         elif config is not None and "shift" in config:  # our own FlowMatch-named copy of flow_shift, set again below
             config = {k: v for k, v in dict(config).items() if k != "shift"}
-        # the weights hash a learned schedule in the config was fitted to (fastsample.sample warns on a mismatch)
-        fitted_to = (dict(config) if config is not None else {}).get("learned_model_hash")
-        if config is not None and "learned_model_hash" in config:
-            config = {k: v for k, v in dict(config).items() if k != "learned_model_hash"}
+        # the weights hash the fitted parts of the config (a learned schedule, DC ratios or CPR) were fitted to;
+        # fastsample.sample warns on a mismatch
+        fitted_to = (dict(config) if config is not None else {}).get("fitted_model_hash")
+        if config is not None and "fitted_model_hash" in config:
+            config = {k: v for k, v in dict(config).items() if k != "fitted_model_hash"}
         out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         model = out[0] if return_unused_kwargs else out
         if fitted_to is not None:
-            if not isinstance(fitted_to, str) or model.config.get("learned_timesteps") is None:
-                raise ValueError(f"learned_model_hash is the weights hash of a learned schedule in the config (a "
-                                 f"string, with learned_timesteps), got {fitted_to!r}")
-            model.register_to_config(learned_model_hash=fitted_to)
+            fitted = [k for k in ("learned_timesteps", "dc_ratios", "cpr") if model.config.get(k) is not None]
+            if not isinstance(fitted_to, str) or not fitted:
+                raise ValueError(f"fitted_model_hash is the weights hash of what the config carries fitted (a "
+                                 f"string, with learned_timesteps, dc_ratios or cpr), got {fitted_to!r}")
+            model.register_to_config(fitted_model_hash=fitted_to)
         if model.flow is not None:  # a stale FlowMatch ``shift`` from the source config must not win over ours
             model.register_to_config(shift=model.config.get("flow_shift", 1.0))
         return out

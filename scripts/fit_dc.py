@@ -26,6 +26,11 @@ from fastsample.solvers import CPR, DCSolverScheduler, fit_dc_ratios
 from fastsample.solvers.learned_schedule import model_hash
 
 
+def fitted(config: dict, weights: str, **fit) -> DCSolverScheduler:
+    """A DC-Solver scheduler carrying a fit and the hash of the weights it was fitted to (fitted_model_hash)."""
+    return DCSolverScheduler.from_config({**DCSolverScheduler(**config, **fit).config, "fitted_model_hash": weights})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fmnist-large", choices=tuple(zoo.MODEL_CONFIGS))
@@ -71,7 +76,7 @@ def main(argv=None):
                           **inputs}
                 log.append(record)
                 done.append(record)
-                DCSolverScheduler(**config, dc_ratios=ratios).save_pretrained(out / f"nfe{nfe}-cfg{w:g}")
+                fitted(config, inputs["weights"], dc_ratios=ratios).save_pretrained(out / f"nfe{nfe}-cfg{w:g}")
                 print(json.dumps(record), flush=True)
     CPR.fit(done, args.base_solver).save(out / "cpr.json")  # over this configuration's fits only
     if args.leave_one_out:
@@ -79,7 +84,7 @@ def main(argv=None):
             rest = [d for d in done if d["nfe"] != nfe]
             if rest:
                 cpr = CPR.fit(rest, args.base_solver).to_dict()
-                DCSolverScheduler(**config, cpr=cpr).save_pretrained(out / f"cpr-without-nfe{nfe}")
+                fitted(config, inputs["weights"], cpr=cpr).save_pretrained(out / f"cpr-without-nfe{nfe}")
                 print(f"CPR without NFE {nfe} -> {out / f'cpr-without-nfe{nfe}'}")
     print(f"CPR over {len(done)} fits -> {out / 'cpr.json'}")
 

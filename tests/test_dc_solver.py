@@ -129,3 +129,21 @@ def test_cpr_predicted_and_fitted_ratios_are_checked(gaussian):
         sch.set_timesteps(6)
     with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
         fit_dc_ratios(gaussian, DCSolverScheduler(**SCHEDULER_CONFIG), torch.randn(2, 64, dtype=F64), 5, iterations=0)
+
+
+def test_a_dc_fit_records_its_weights_and_warns_for_others(tmp_path):
+    """The DC-Solver folders fit_dc.py writes carry the weights hash they were fitted to (fitted_model_hash): it
+    survives a save/load, and fastsample.sample warns when another model uses them."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "dc" / "fmnist-large" / "bh2"
+    hashes = {json.loads(line)["weights"] for line in (root / "ratios.jsonl").read_text().splitlines()}
+    for folder in sorted(p.parent for p in root.glob("*/scheduler_config.json")):
+        assert DCSolverScheduler.from_pretrained(folder).config.fitted_model_hash in hashes, folder
+    sch = DCSolverScheduler.from_pretrained(root / "nfe5-cfg1")
+    sch.save_pretrained(tmp_path)
+    moved = DCSolverScheduler.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    other = torch.nn.Conv2d(1, 1, 1)
+    with pytest.warns(UserWarning, match="learned for another model"):
+        sample(lambda x, t: other(x), torch.randn(1, 1, 4, 4), moved, 5, progress=False)

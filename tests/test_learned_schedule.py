@@ -353,7 +353,7 @@ def test_weights_hash_is_taken_through_wrappers():
 
 def test_a_shipped_schedule_used_with_other_weights_warns(tmp_path):
     """Every shipped schedule records the weights it was fitted to, as its JSON and as its scheduler folder
-    (learned_model_hash); LearnedSchedule.apply and fastsample.sample warn for other weights, and a save/load keeps
+    (fitted_model_hash); LearnedSchedule.apply and fastsample.sample warn for other weights, and a save/load keeps
     the hash."""
     from pathlib import Path
 
@@ -369,16 +369,16 @@ def test_a_shipped_schedule_used_with_other_weights_warns(tmp_path):
         assert len(s.model_hash) == 16, path
         folder = UniPCScheduler.from_pretrained(path.with_suffix("")) if "unipc" in path.name else None
         if folder is not None:
-            assert folder.config.learned_model_hash == s.model_hash, path
+            assert folder.config.fitted_model_hash == s.model_hash, path
     s = LearnedSchedule.load(root / "unipc3-nfe5.json")
     with pytest.warns(UserWarning, match="learned for another model"):
         s.apply(UniPCScheduler(), model=other)
     sch = UniPCScheduler.from_pretrained(root / "unipc3-nfe5")
     sch.save_pretrained(tmp_path / "copy")
     moved = UniPCScheduler.from_pretrained(tmp_path / "copy")
-    assert moved.config.learned_model_hash == s.model_hash
+    assert moved.config.fitted_model_hash == s.model_hash
     model = lambda x, t: other(x)  # noqa: E731
-    with pytest.warns(UserWarning, match="learned schedule was learned for another model"):
+    with pytest.warns(UserWarning, match="fitted schedule or ratios were learned for another model"):
         sample(model, torch.randn(1, 1, 4, 4), moved, 5, progress=False)
-    with pytest.raises(ValueError, match="learned_model_hash is the weights hash of a learned schedule"):
-        UniPCScheduler.from_config({**UniPCScheduler().config, "learned_model_hash": 5})
+    with pytest.raises(ValueError, match="fitted_model_hash is the weights hash of what the config carries fitted"):
+        UniPCScheduler.from_config({**UniPCScheduler().config, "fitted_model_hash": 5})
