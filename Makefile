@@ -11,6 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[eval,test]'
+	# k-diffusion's sampling module, the anchor of fastsample.k_diffusion's tests: its package pulls in training
+	# extras (wandb, clip, clean-fid), so the package alone, and torchdiffeq, which its sampling module imports
+	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1
+	$(PIP) install -q torchdiffeq
 	touch $@
 
 install: $(VENV)/.installed

@@ -22,7 +22,7 @@ from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIME
                         flow_match_sigmas, flow_sigmas, shift_flow, sigma_spacing, stretch_to_terminal)
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
-from .solver import Grid, Solver
+from .solver import Grid, Solver, step_from_pure_noise
 
 __all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput"]
 
@@ -602,9 +602,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         x0 = convert(out, x, self.config.prediction_type, 0.0, g.sigma[i], "x0", self._threshold)
         if self._scales is not None:
             x0 = x0 * self._scales[i]
-        x_next = torch.mul(x0, g.alpha[i + 1]).add_(x, alpha=g.sigma[i + 1] / g.sigma[i])
-        eps = x / g.sigma[i]
-        return x_next, replace(state, index=i + 1, history=(eps,), orders=(), last_x=None)
+        return step_from_pure_noise(g, state, x, x0)
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
         """FlowMatch's forward process for img2img and inpainting: (1 - sigma) sample + sigma noise, with sigma the

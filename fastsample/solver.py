@@ -147,3 +147,13 @@ class Solver:
 
     def needs_noise(self, grid: Grid, i: int) -> bool:
         return self.stochastic and grid.sigma[i + 1] > 0
+
+
+def step_from_pure_noise(grid: Grid, state: State, x: torch.Tensor, x0: torch.Tensor):
+    """A noise-prediction solver's step from alpha = 0 (flow sigma 1): there the noise is x / sigma exactly and
+    carries nothing of the model, so the step is the exact first-order (DDIM) step through the data prediction x0,
+    x' = (sigma'/sigma) x + alpha' x0.  The next steps use no history from this node (its lambda is -inf) and no
+    corrector of this step.  Returns (x at the next node, new state)."""
+    i = state.index
+    x_next = torch.mul(x0, grid.alpha[i + 1]).add_(x, alpha=grid.sigma[i + 1] / grid.sigma[i])
+    return x_next, replace(state, index=i + 1, history=(x / grid.sigma[i],), orders=(), last_x=None)

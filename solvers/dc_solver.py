@@ -245,7 +245,11 @@ class DCSolverScheduler(FastScheduler):
         """``FastScheduler.set_timesteps``, then the compensation ratios for the new step count.  The signature is
         spelled out: pipelines look for ``sigmas`` and ``timesteps`` in it before passing them."""
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
-        c, n = self.config, self.num_inference_steps
+        self.solver.compensation = self.compensation_for(self.num_inference_steps)
+
+    def compensation_for(self, n: int) -> DynamicCompensation:
+        """The compensation hook for an ``n``-step grid: the config's ratios, its CPR's prediction, or all 1."""
+        c = self.config
         if c.dc_ratios is not None:
             ratios = check_ratios(c.dc_ratios, n)
         elif c.cpr is not None:
@@ -253,7 +257,7 @@ class DCSolverScheduler(FastScheduler):
                                   f"the CPR-predicted ratios for {n} steps at guidance {c.cpr_guidance_scale}")
         else:
             ratios = [1.0] * n
-        self.solver.compensation = DynamicCompensation(ratios, c.dc_order)
+        return DynamicCompensation(ratios, c.dc_order)
 
 
 from fastsample.registry import Variant, register  # noqa: E402

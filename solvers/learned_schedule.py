@@ -127,7 +127,7 @@ class LearnedSchedule:
         scales = None if self.scales is None else list(self.scales)
         sigmas = list(self.sigmas[:-1]) if self.decoupled else None
         return type(base).from_config({**config, "learned_timesteps": list(self.timesteps), "learned_scales": scales,
-                                       "learned_sigmas": sigmas, "learned_model_hash": self.model_hash or None})
+                                       "learned_sigmas": sigmas, "fitted_model_hash": self.model_hash or None})
 
 
 def modules_in(model, depth: int = 4) -> list:

@@ -1,0 +1,193 @@
+"""Every registered solver in k-diffusion's calling convention, the one ComfyUI, Forge and A1111 call samplers in:
+
+    sample_X(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x
+
+``model(x, sigma, **extra_args)`` returns the denoised image; ``sigmas`` is a descending 1-D tensor, usually ending
+in 0; ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per model call of a step.
+
+The solvers run on the grid the sigmas define, in the model's own parameterization (``model_type``):
+- ``"ve"`` (default): x = x0 + sigma * eps, k-diffusion's convention for every model, VP ones included (its
+  wrappers feed a VP network x / alpha);
+- ``"const"``: ComfyUI's CONST convention for flow models, x = (1 - sigma) x0 + sigma eps, sigma in [0, 1].
+  The exponential integrators then use the flow's own log-SNR log((1 - sigma) / sigma). k-diffusion's
+  formulas, which ComfyUI also uses for flow models, treat it as VE.
+
+``sample(name, ...)`` takes any registered scheduler name (``fastsample.registry``) and its config options as
+keywords (``solver_order``, ``eta``, ``solver_type``, ``dc_ratios``, ``cpr``, ...), plus ``s_noise``,
+``noise_sampler`` (k-diffusion's: ``noise_sampler(sigma, sigma_next)`` returns standard normal noise) and
+``scales`` (a learned schedule's per-step prediction scales). ``sample_<name>`` functions exist for every name, and
+``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde`` and ``sample_euler`` are set up to equal k-diffusion's functions of the
+same name. ``learned_sigmas`` turns a learned schedule into the sigmas to pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import trange
+
+from .noise import BrownianTree
+from .parameterization import convert
+from .registry import all_names, lookup
+from .schedules import VE, RectifiedFlow
+from .solver import Grid, step_from_pure_noise
+from .timesteps import check_choice, check_descending
+
+MODEL_TYPES = ("ve", "const")
+
+
+def grid_from_sigmas(sigmas, model_type: str = "ve") -> Grid:
+    """The N+1 levels of ``sigmas`` (descending; a trailing 0 is the clean end point) as a solver grid: alpha = 1
+    for "ve", alpha = 1 - sigma for "const"."""
+    check_choice("model_type", model_type, MODEL_TYPES)
+    s = check_descending("sigmas", sigmas)
+    if s.size < 2:
+        raise ValueError(f"sigmas must hold at least two levels (one step), got {s.tolist()}")
+    if model_type == "const" and s[0] > 1:
+        raise ValueError(f"CONST (flow) sigmas must lie in [0, 1], got {s.tolist()}")
+    alpha = [1.0] * len(s) if model_type == "ve" else [1.0 - float(v) for v in s]
+    sigma = [float(v) for v in s]
+    lam = [math.inf if sg == 0 else (-math.inf if a == 0 else math.log(a) - math.log(sg))
+           for a, sg in zip(alpha, sigma)]
+    return Grid(tuple(alpha), tuple(sigma), tuple(lam), tuple(sigma))
+
+
+def default_noise_sampler(x: torch.Tensor, sigmas, seed: int | None = None):
+    """A Brownian-tree noise sampler over sigma (as k-diffusion's default for its SDE samplers): the noise of a
+    step depends only on the interval, so a seed gives consistent samples across step counts.  ``seed`` None
+    draws one from torch's global generator."""
+    positive = [float(v) for v in sigmas if float(v) > 0]
+    lo, hi = min(positive), max(positive)
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    if lo == hi:
+        hi = lo * (1 + 1e-6)
+    tree = BrownianTree(math.log(lo), math.log(hi), tuple(x.shape), [int(seed)])  # Brownian in tau = sigma
+
+    def sample(sigma, sigma_next):
+        a, b = (math.log(min(max(float(v), lo), hi)) for v in (sigma, sigma_next))
+        return tree.increment(a, b).to(device=x.device, dtype=x.dtype)
+
+    return sample
+
+
+def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=None, disable=None,
+           noise_sampler=None, s_noise: float = 1.0, scales=None, model_type: str = "ve", **options) -> torch.Tensor:
+    """Integrate from ``x`` (noise at ``sigmas[0]``) along ``sigmas`` with the registered solver ``name``."""
+    info, variant = lookup(name)
+    scheduler = info.make(**{**variant, **options})
+    sig = sigmas.tolist() if torch.is_tensor(sigmas) else list(sigmas)
+    grid = grid_from_sigmas(sig, model_type)
+    n = grid.num_steps
+    positive = [v for v in sig if v > 0]
+    # the solver on the sigmas' own schedule (DEIS integrates its coefficients in the schedule's time)
+    scheduler.schedule = (VE(min(positive), max(positive)) if model_type == "ve"
+                          else RectifiedFlow(t_min=min(positive), t_max=max(positive)))
+    solver = scheduler.make_solver()
+    if hasattr(scheduler, "compensation_for"):  # DC-Solver's ratios for this step count
+        solver.compensation = scheduler.compensation_for(n)
+    if scales is not None:
+        scales = [float(v) for v in scales]
+        if len(scales) != n or not all(math.isfinite(v) and v > 0 for v in scales):
+            raise ValueError(f"scales must be {n} positive finite numbers (one per step), got {scales}")
+    if not (isinstance(s_noise, (int, float)) and math.isfinite(s_noise) and s_noise >= 0):
+        raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    if noise_sampler is None and solver.stochastic:
+        noise_sampler = default_noise_sampler(x, sig, extra_args.get("seed"))
+    state = solver.init(grid)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for i in trange(n, disable=disable):
+        sigma = sigmas[i] if torch.is_tensor(sigmas) else torch.tensor(sig[i])
+        denoised = model(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        xc, x0 = x.to(cdt), denoised.to(cdt)
+        if not torch.isfinite(x0).all():
+            raise ValueError(f"the model's denoised output contains NaN or Inf at step {i} (sigma {sig[i]})")
+        if scales is not None:
+            x0 = x0 * scales[i]
+        if grid.alpha[i] == 0.0 and solver.prediction == "eps":
+            x_next, state = step_from_pure_noise(grid, state, xc, x0)
+        else:
+            pred = convert(x0, xc, "sample", grid.alpha[i], grid.sigma[i], solver.prediction)
+            noise = None
+            if solver.needs_noise(grid, i):
+                levels = (sigmas[i], sigmas[i + 1]) if torch.is_tensor(sigmas) else (sig[i], sig[i + 1])
+                noise = noise_sampler(*levels).to(cdt) * s_noise
+            x_next, state = solver.step(grid, state, xc, pred, noise)
+        x = x_next.to(x.dtype)
+    return x
+
+
+def _named(name: str, doc: str, **defaults):
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return sample(name, model, x, sigmas, extra_args, callback, disable, **{**defaults, **options})
+
+    fn.__name__ = fn.__qualname__ = "sample_" + name.replace("-", "_").replace("+", "p")
+    fn.__doc__ = doc
+    return fn
+
+
+# k-diffusion's own samplers, equal to them: first order where the next sigma is 0, no other lower-order steps
+sample_euler = _named("ddim", "k-diffusion's sample_euler (s_churn = 0): DDIM, the first-order exponential "
+                      "integrator, is Euler's method in sigma for a denoiser.", lower_order_final=False)
+sample_dpmpp_2m = _named("dpm++2m", "k-diffusion's sample_dpmpp_2m: DPM-Solver++(2M).", lower_order_final=False)
+sample_dpmpp_2m_sde = _named("sde-dpm++2m", "k-diffusion's sample_dpmpp_2m_sde (eta, s_noise, noise_sampler, "
+                             "solver_type 'midpoint' or 'heun').", lower_order_final=False)
+
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, model_type: str = "ve"):
+    """The second-order Heun sampler of EDM (Karras et al. 2022, Algorithm 2), with k-diffusion's options: the
+    trapezoidal rule on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma, two model calls a step and
+    one (Euler) into sigma = 0.  ``s_churn`` > 0 first raises the level of the steps with sigma in
+    [s_tmin, s_tmax] by a factor 1 + min(s_churn / N, sqrt 2 - 1) with fresh noise (torch's global generator;
+    VE only).  The one staged method here: the registry's multistep solvers take one call a step."""
+    levels = grid_from_sigmas(sigmas.tolist() if torch.is_tensor(sigmas) else list(sigmas), model_type).sigma
+    if s_churn and model_type != "ve":
+        raise ValueError(f"s_churn adds VE noise: it needs model_type='ve', got {model_type!r}")
+    kw = {} if extra_args is None else extra_args
+    levels_t = torch.as_tensor(sigmas)
+    ones = x.new_ones([x.shape[0]])
+    n = len(levels) - 1
+    churn = min(s_churn / n, math.sqrt(2) - 1)
+
+    def slope(y, level):  # dx/dsigma at (y, level), and the denoised image it came from
+        d = model(y, level * ones, **kw)
+        return (y - d) / level, d
+
+    for i in trange(n, disable=disable):
+        lifted = churn > 0 and s_tmin <= levels[i] <= s_tmax
+        z = torch.randn_like(x) * s_noise  # drawn every step, as k-diffusion does, so a seed gives its samples
+        start = levels_t[i] * (1 + churn) if lifted else levels_t[i]
+        if lifted:
+            x = x + z * (start ** 2 - levels_t[i] ** 2).sqrt()
+        k1, denoised = slope(x, start)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": levels_t[i], "sigma_hat": start, "denoised": denoised})
+        dt = levels_t[i + 1] - start
+        predicted = x + k1 * dt
+        if levels[i + 1] == 0:
+            x = predicted
+            continue
+        k2, _ = slope(predicted, levels_t[i + 1])
+        x = x + 0.5 * (k1 + k2) * dt
+    return x
+
+
+SAMPLERS = {fn.__name__: fn for fn in (sample_euler, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun)}
+for _name in all_names():
+    _fn = _named(_name, f"The registered solver {_name!r} (fastsample.registry) in k-diffusion's convention.")
+    SAMPLERS.setdefault(_fn.__name__, _fn)
+globals().update(SAMPLERS)
+
+
+def learned_sigmas(schedule, model_type: str = "ve") -> torch.Tensor:
+    """A learned schedule's levels as k-diffusion sigmas (the last one its end point): VE sigmas for a VP model's
+    schedule, flow sigmas for a flow model's.  Its ``scales`` go to ``sample(..., scales=...)``."""
+    check_choice("model_type", model_type, MODEL_TYPES)
+    return torch.tensor([float(v) for v in schedule.sigmas], dtype=torch.float64)
