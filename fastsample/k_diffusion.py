@@ -16,8 +16,8 @@ The solvers run on the grid the sigmas define, in the model's own parameterizati
 keywords (``solver_order``, ``eta``, ``solver_type``, ``dc_ratios``, ``cpr``, ...), plus ``s_noise``,
 ``noise_sampler`` (k-diffusion's: ``noise_sampler(sigma, sigma_next)`` returns standard normal noise) and
 ``scales`` (a learned schedule's per-step prediction scales). ``sample_<name>`` functions exist for every name, and
-``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde`` and ``sample_euler`` are set up to equal k-diffusion's functions of the
-same name. ``learned_sigmas`` turns a learned schedule into the sigmas to pass.
+``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` equal
+k-diffusion's functions of the same name, and ``sample_dpm_adaptive`` takes its signature (``fastsample.adaptive``). ``learned_sigmas`` turns a learned schedule into the sigmas to pass.
 """
 from __future__ import annotations
 
@@ -136,6 +136,10 @@ sample_euler = _named("ddim", "k-diffusion's sample_euler (s_churn = 0): DDIM, t
 sample_dpmpp_2m = _named("dpm++2m", "k-diffusion's sample_dpmpp_2m: DPM-Solver++(2M).", lower_order_final=False)
 sample_dpmpp_2m_sde = _named("sde-dpm++2m", "k-diffusion's sample_dpmpp_2m_sde (eta, s_noise, noise_sampler, "
                              "solver_type 'midpoint' or 'heun').", lower_order_final=False)
+sample_dpmpp_3m_sde = _named("dpmsolver++", "k-diffusion's sample_dpmpp_3m_sde (eta, s_noise, noise_sampler): "
+                             "DPM-Solver++(3M) SDE, its second step with phi_2 (solver_type 'heun').",
+                             solver_order=3, solver_type="heun", algorithm_type="sde-dpmsolver++",
+                             lower_order_final=False)
 
 
 
@@ -179,11 +183,60 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-SAMPLERS = {fn.__name__: fn for fn in (sample_euler, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun)}
+sample_dpmpp_3m_sde.__name__ = sample_dpmpp_3m_sde.__qualname__ = "sample_dpmpp_3m_sde"
+SAMPLERS = {fn.__name__: fn for fn in (sample_euler, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
+                                       sample_heun)}
 for _name in all_names():
     _fn = _named(_name, f"The registered solver {_name!r} (fastsample.registry) in k-diffusion's convention.")
     SAMPLERS.setdefault(_fn.__name__, _fn)
 globals().update(SAMPLERS)
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None,
+                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, solver: str = "unipc3",
+                        return_info: bool = False, model_type: str = "ve", max_steps: int = 10_000, **options):
+    """Adaptive step size from ``sigma_max`` to ``sigma_min`` (k-diffusion's ``sample_dpm_adaptive`` signature),
+    with a registered multistep ``solver`` and its embedded lower-order pair (``fastsample.adaptive``): a rejected
+    step costs no model call.  Returns x at ``sigma_min`` (and, with ``return_info``, a dict with "nfe",
+    "n_accept", "n_reject" and the accepted "sigmas")."""
+    from .adaptive import solve_adaptive
+
+    check_choice("model_type", model_type, MODEL_TYPES)
+    lo, hi = float(sigma_min), float(sigma_max)
+    if not 0 < lo < hi or (model_type == "const" and hi >= 1):
+        raise ValueError(f"need 0 < sigma_min < sigma_max{' < 1' if model_type == 'const' else ''}, got "
+                         f"sigma_min={lo}, sigma_max={hi}")
+    info_, variant = lookup(solver)
+    sch = info_.make(**{**variant, **options, "lower_order_final": False})
+    # VE sigmas of the levels: for CONST, sigma_ve = s / (1 - s)
+    to_ve = (lambda s: s) if model_type == "ve" else (lambda s: s / (1 - s))
+    sch.schedule = VE(to_ve(lo), to_ve(hi)) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)
+    engine = sch.make_solver()
+    kw = {} if extra_args is None else extra_args
+    ones = x.new_ones([x.shape[0]])
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bar = trange(0, disable=disable)
+
+    def predict(y, grid, i):
+        level = grid.sigma[i]
+        denoised = model(y.to(x.dtype), torch.as_tensor(level, dtype=x.dtype) * ones, **kw).to(cdt)
+        if callback is not None:
+            callback({"x": y, "i": i, "sigma": level, "sigma_hat": level, "denoised": denoised})
+        bar.update(1)
+        return convert(denoised, y, "sample", grid.alpha[i], grid.sigma[i], engine.prediction)
+
+    y, info = solve_adaptive(predict, x.to(cdt), engine, sch.schedule, to_ve(hi), to_ve(lo), rtol, atol, h_init,
+                             max_steps)
+    bar.close()
+    y = y.to(x.dtype)
+    if return_info:
+        return y, {"nfe": info.nfe, "n_accept": info.accepted, "n_reject": info.rejected,
+                   "sigmas": [s if model_type == "ve" else s / (1 + s) for s in info.sigmas]}
+    return y
+
+
+SAMPLERS[sample_dpm_adaptive.__name__] = sample_dpm_adaptive
 
 
 def learned_sigmas(schedule, model_type: str = "ve") -> torch.Tensor:

@@ -21,16 +21,23 @@ def model_fn(module):
 
 
 def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int | None = 10, callback=None,
-           progress: bool = True, generator=None, timesteps=None, sigmas=None, **model_kwargs):
+           progress: bool = True, generator=None, timesteps=None, sigmas=None, adaptive=None, **model_kwargs):
     """Integrate from ``noise`` to a sample.  Returns ``(sample, nfe)``.
 
     ``scheduler``: a fastsample or diffusers scheduler instance, or the name of a fastsample solver
     ("dpmsolver++", "deis", "unipc"; default "unipc").  ``callback(i, t, x)`` runs after each step and may return
     a replacement for x.  The noise is scaled by ``scheduler.init_noise_sigma``.
+    ``adaptive=dict(rtol=..., atol=..., h_init=..., max_steps=...)``: choose the steps by error control instead
+    (``fastsample.adaptive``; a fastsample scheduler's deterministic solver, VP models), from the trained range's
+    largest level to its smallest, then denoise to 0; ``num_inference_steps`` is not used.
     """
     if scheduler is None or isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler or "unipc")
     check_fitted_to(scheduler, model)
+    if adaptive is not None:
+        if custom_given := [k for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]:
+            raise ValueError(f"adaptive chooses the steps itself: do not pass {custom_given}")
+        return _sample_adaptive(model, noise, scheduler, adaptive, callback, model_kwargs)
     custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
     # diffusers' schedulers take only the keywords they know (DPMSolverMultistepScheduler has no sigmas=)
     scheduler.set_timesteps(None if custom else num_inference_steps, device=noise.device, **custom)
@@ -47,6 +54,45 @@ def sample(model, noise: torch.Tensor, scheduler=None, num_inference_steps: int 
             y = callback(i, t, x)
             x = x if y is None else y
     return x, nfe
+
+
+def _sample_adaptive(model, noise, scheduler, adaptive: dict, callback, model_kwargs):
+    from .adaptive import check_adaptive, solve_adaptive
+    from .parameterization import convert
+    from .scheduler import FastScheduler
+
+    options = check_adaptive(adaptive)
+    if not isinstance(scheduler, FastScheduler):
+        raise ValueError(f"adaptive needs a fastsample scheduler (its solver's embedded pair), got "
+                         f"{type(scheduler).__name__}")
+    if scheduler.flow is not None:
+        raise ValueError("adaptive stepping starts at a finite log-SNR: flow models (sigma 1) are not supported "
+                         "here; use fastsample.k_diffusion.sample_dpm_adaptive with model_type='const'")
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    if "lower_order_final" in config:  # every adaptive step is a "last" step of its grid
+        config["lower_order_final"] = False
+    sch = type(scheduler).from_config(config)
+    solver, cfg = sch.solver, sch.config
+    lo, hi = sch._sigma_bounds()
+    calls = {"n": 0}
+
+    def predict(x, grid, i, want=None):
+        t = sch.model_time(grid)(i)
+        out = model_output(model(x, torch.tensor(t, dtype=torch.float32), **model_kwargs))
+        calls["n"] += 1
+        if callback is not None:
+            callback(i, t, x)
+        return convert(out.to(x.dtype), x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], want or solver.prediction,
+                       sch._threshold)
+
+    cdt = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    x, info = solve_adaptive(predict, noise.to(cdt) * sch.init_noise_sigma, solver, sch.schedule, hi, lo, **options)
+    if cfg.final_sigmas_type == "zero":  # the first-order step into sigma = 0: the data prediction there
+        from .solver import Grid
+
+        end = Grid.from_sigma_ve(sch.schedule, [lo, 0.0])
+        x = predict(x, end, 0, "x0") * end.alpha[1]
+    return x.to(noise.dtype), calls["n"]
 
 
 def check_fitted_to(scheduler, model) -> None:

@@ -93,14 +93,17 @@ def test_deterministic_samplers_equal_k_diffusion(K, gm, unet_denoiser, case, na
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("name, solver_type", [("dpmpp_2m_sde", "midpoint"), ("dpmpp_2m_sde", "heun"),
+                                               ("dpmpp_3m_sde", None)])
 @pytest.mark.parametrize("eta", [1.0, 0.5])
-def test_dpmpp_2m_sde_equals_k_diffusion_with_the_same_brownian_noise(K, gm, unet_denoiser, case, solver_type, eta):
+def test_sde_samplers_equal_k_diffusion_with_the_same_brownian_noise(K, gm, unet_denoiser, case, name, solver_type,
+                                                                     eta):
     model, x, sigmas = problem(case, gm, unet_denoiser)
+    kw = {} if solver_type is None else {"solver_type": solver_type}
     runs = []
-    for fn in (K.sample_dpmpp_2m_sde, F.sample_dpmpp_2m_sde):
+    for fn in (getattr(K, f"sample_{name}"), getattr(F, f"sample_{name}")):
         noise = K.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=7)
-        runs.append(fn(model, x.clone(), sigmas, disable=True, noise_sampler=noise, eta=eta, solver_type=solver_type))
+        runs.append(fn(model, x.clone(), sigmas, disable=True, noise_sampler=noise, eta=eta, **kw))
     assert rel(runs[1], runs[0]) < 1e-5
 
 
@@ -188,3 +191,34 @@ def test_bad_input_is_an_error(gm):
         F.sample_unipc3(model, x, karras(4), scales=[1.0, 1.0])
     with pytest.raises(ValueError, match="denoised output contains NaN"):
         F.sample_unipc3(lambda x, s: x * float("nan"), x, karras(4))
+
+
+def test_default_brownian_noise_is_consistent_across_step_counts(gm):
+    """Without a noise_sampler the SDE samplers draw Brownian-tree noise over sigma from extra_args' seed: the same
+    seed gives the same Brownian path, so a finer grid converges to the coarse one's sample path."""
+    model = denoiser_of(gm)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), dtype=F64) * 80
+    seeded = lambda y, s, seed: model(y, s)  # noqa: E731  (the seed is for the sampler; the model ignores it)
+    runs = {n: F.sample_dpmpp_2m_sde(seeded, x, karras(n), extra_args={"seed": 5}, disable=True)
+            for n in (40, 80, 160)}
+    d1, d2 = rel(runs[80], runs[160]), rel(runs[40], runs[160])
+    assert d1 < d2 < 0.5, (d1, d2)
+
+
+def test_dpm_adaptive_in_both_conventions(gm):
+    from fastsample.schedules import RectifiedFlow
+
+    model = denoiser_of(gm)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), dtype=F64) * 80
+    exact = gm.exact_solution(x, 80.0, 0.002)
+    y, info = F.sample_dpm_adaptive(model, x, 0.002, 80.0, rtol=0.005, atol=0.0008, return_info=True, disable=True)
+    assert rel(y, exact) < 2e-3 and info["nfe"] == info["n_accept"] and len(info["sigmas"]) == info["n_accept"] + 1
+    flow = GaussianMixture.random(dim=8, components=2, seed=5, spread=1.0, schedule=RectifiedFlow(t_min=0.0))
+    const = lambda y, s: flow.denoise(y / (1 - float(s[0])), float(s[0]) / (1 - float(s[0])))  # noqa: E731
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=F64) * 0.99
+    ref = flow.exact_solution(z, 0.99 / 0.01, 0.002 / 0.998, alpha_from=0.01) * 0.998
+    y, info = F.sample_dpm_adaptive(const, z, 0.002, 0.99, rtol=0.002, atol=0.0003, return_info=True, disable=True,
+                                    model_type="const")
+    assert rel(y, ref) < 5e-3 and info["sigmas"][0] == pytest.approx(0.99)
+    with pytest.raises(ValueError, match="sigma_max < 1"):
+        F.sample_dpm_adaptive(const, z, 0.002, 1.0, model_type="const")
