@@ -23,6 +23,7 @@ class Variant:
     name: str
     options: dict = field(default_factory=dict)
     order: int | None = None  # the declared convergence order of the ODE solver (None: stochastic)
+    strong_order: float | None = None  # a stochastic variant's declared strong order (tests/test_sde.py)
 
 
 @dataclass(frozen=True)

@@ -174,4 +174,10 @@ register("dpmsolver++", DPMSolverPlusPlusScheduler, aliases=("dpm",), diffusers_
                    # the official code's (and diffusers') 3M weights are second order (see the module docstring)
                    Variant("dpm++3m", {"solver_order": 3}, 2),
                    Variant("dpm++3m-exact", {"solver_order": 3, "third_order": "exact"}, 3),
-                   Variant("sde-dpm++2m", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, None)])
+                   Variant("sde-dpm++2m", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}, None, 1.0),
+                   # k-diffusion's and ComfyUI's dpmpp_2m_sde_heun (exact in alpha and sigma, so flow-safe)
+                   Variant("sde-dpm++2m-heun", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++",
+                                                "solver_type": "heun"}, None, 1.0),
+                   # k-diffusion's dpmpp_3m_sde (its second step with phi_2: solver_type "heun")
+                   Variant("sde-dpm++3m", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++",
+                                           "solver_type": "heun"}, None, 1.0)])
