@@ -183,9 +183,12 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
+sample_er_sde = _named("er-sde3", "ComfyUI's sample_er_sde (s_noise, noise_sampler): ER-SDE-Solver-3 with the "
+                       "default noise scale (solvers/er_sde.py).", lower_order_final=False)
 sample_dpmpp_3m_sde.__name__ = sample_dpmpp_3m_sde.__qualname__ = "sample_dpmpp_3m_sde"
+sample_er_sde.__name__ = sample_er_sde.__qualname__ = "sample_er_sde"
 SAMPLERS = {fn.__name__: fn for fn in (sample_euler, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
-                                       sample_heun)}
+                                       sample_er_sde, sample_heun)}
 for _name in all_names():
     _fn = _named(_name, f"The registered solver {_name!r} (fastsample.registry) in k-diffusion's convention.")
     SAMPLERS.setdefault(_fn.__name__, _fn)

@@ -537,14 +537,15 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"variance_noise must have shape {tuple(like.shape)}, got {tuple(variance_noise.shape)}")
             return variance_noise.to(device=like.device, dtype=like.dtype)
         if self.config.get("noise_type", "gaussian") == "brownian_tree":
-            eta, g = self.solver.eta, self._grid
+            u, g = self.solver.brownian_time, self._grid
             if self._tree is None:
-                lo = 2 * eta * float(self.vp.lam(torch.tensor(self.vp.t_max, dtype=F64)))
-                hi = 2 * eta * float(self.vp.lam(torch.tensor(self.vp.t_min, dtype=F64)))
-                lo, hi = min(lo, 2 * eta * g.lam[0]), max(hi, 2 * eta * max(l for l in g.lam if math.isfinite(l)))
+                ends = [float(self.vp.lam(torch.tensor(t, dtype=F64))) for t in (self.vp.t_max, self.vp.t_min)]
+                finite = [u(l) for l in list(g.lam) + ends if math.isfinite(l)]
                 per = isinstance(generator, (list, tuple))
-                self._tree = BrownianTree(lo, hi, like.shape, seeds_from(generator, like.shape[0], per))
-            z = self._tree.increment(2 * eta * g.lam[i], 2 * eta * g.lam[i + 1])
+                self._tree = BrownianTree(min(finite), max(finite), like.shape, seeds_from(generator, like.shape[0], per))
+            lo, hi = self._tree.u0, self._tree.u1
+            # a step from pure noise (lambda = -inf, flow sigma 1) starts at the tree's first time
+            z = self._tree.increment(*(min(max(u(l), lo), hi) for l in (g.lam[i], g.lam[i + 1])))
             return z.to(device=like.device, dtype=like.dtype)
         return randn_tensor(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
 

@@ -148,6 +148,12 @@ class Solver:
     def needs_noise(self, grid: Grid, i: int) -> bool:
         return self.stochastic and grid.sigma[i + 1] > 0
 
+    def brownian_time(self, lam: float) -> float:
+        """u(lambda), increasing: a step's noise z is the standardised increment of one Brownian motion B(e^u)
+        between the step's ends, so that a Brownian tree gives consistent noise across step counts.  For the
+        DPM-Solver++ SDEs u = 2 eta lambda (their noise is sigma_t sqrt(1 - e^(-2 eta h)) z)."""
+        return 2 * getattr(self, "eta", 1.0) * lam
+
 
 def step_from_pure_noise(grid: Grid, state: State, x: torch.Tensor, x0: torch.Tensor):
     """A noise-prediction solver's step from alpha = 0 (flow sigma 1): there the noise is x / sigma exactly and

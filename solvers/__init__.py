@@ -2,7 +2,8 @@
 from .dc_solver import CPR, DCSolverScheduler, DynamicCompensation, fit_dc_ratios
 from .deis import DEIS, DEISScheduler
 from .dpm_solver_pp import DPMSolverPlusPlus, DPMSolverPlusPlusScheduler
+from .er_sde import ERSDE, ERSDEScheduler
 from .unipc import UniPC, UniPCScheduler
 
-__all__ = ["CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler",
+__all__ = ["CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "ERSDE", "ERSDEScheduler",
            "DynamicCompensation", "UniPC", "UniPCScheduler", "fit_dc_ratios"]

@@ -13,20 +13,20 @@ CLASSES = [info.scheduler for info in solvers()]  # every registered scheduler
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_reuse_gives_identical_results(cls, latents):
-    s = cls(solver_order=3)
-    a = run_loop(s, latents.clone(), 9)
-    b = run_loop(s, latents.clone(), 9)
+    s = cls(solver_order=3)  # a seeded generator: the stochastic schedulers (ER-SDE) repeat too
+    a = run_loop(s, latents.clone(), 9, generator_seed=0)
+    b = run_loop(s, latents.clone(), 9, generator_seed=0)
     assert torch.equal(a, b)
-    run_loop(s, latents.clone(), 4)  # a different run in between
-    assert torch.equal(run_loop(s, latents.clone(), 9), a)
+    run_loop(s, latents.clone(), 4, generator_seed=1)  # a different run in between
+    assert torch.equal(run_loop(s, latents.clone(), 9, generator_seed=0), a)
 
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_dtype_in_dtype_out(cls, dtype, latents):
-    out = run_loop(cls(solver_order=3), latents.to(dtype), 8)
+    out = run_loop(cls(solver_order=3), latents.to(dtype), 8, generator_seed=0)
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
-    ref = run_loop(cls(solver_order=3), latents.double(), 8)
+    ref = run_loop(cls(solver_order=3), latents.double(), 8, generator_seed=0)
     assert rel_err(out, ref) < {torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
 
 
@@ -49,7 +49,7 @@ def test_save_load_round_trip(cls, tmp_path, latents):
     t = cls.from_pretrained(tmp_path)
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     assert strip(t.config) == strip(s.config)
-    assert torch.equal(run_loop(s, latents.clone(), 7), run_loop(t, latents.clone(), 7))
+    assert torch.equal(run_loop(s, latents.clone(), 7, generator_seed=0), run_loop(t, latents.clone(), 7, generator_seed=0))
 
 
 def test_config_carries_our_options(tmp_path, latents):
