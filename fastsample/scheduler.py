@@ -316,6 +316,19 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         models; a trailing 0 is taken as the final level) must be given, or ``sigmas`` and ``timesteps`` together: the
         levels from ``sigmas`` and the model's time at each from ``timesteps`` (a learned schedule with decoupled
         model time).  Resets all solver state."""
+        num_inference_steps, timesteps, sigmas, model_times = self._grid_request(num_inference_steps, timesteps,
+                                                                                 sigmas, mu)
+        if self.flow is not None:
+            grid, model_t = self._flow_grid(num_inference_steps, timesteps, sigmas, mu, model_times is not None)
+        else:
+            grid, model_t = self._vp_grid(num_inference_steps, timesteps, sigmas)
+        if model_times is not None:
+            model_t = self._decoupled_times(model_times, len(model_t))
+        self._install(grid, model_t, device)
+
+    def _grid_request(self, num_inference_steps, timesteps, sigmas, mu):
+        """The checked request: (num_inference_steps, timesteps, sigmas, decoupled model times or None), a learned
+        schedule in the config taking the place of a step count."""
         cfg = self.config
         learned = cfg.get("learned_timesteps")
         if learned is not None and num_inference_steps is not None:  # the config carries a learned schedule
@@ -338,115 +351,130 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 sigmas is None or (self.flow is not None and not decoupled)):
             raise ValueError("use_dynamic_shifting=True needs mu in set_timesteps (the shift of the levels, sigmas "
                              "included)")
-        Ttrain = cfg.num_train_timesteps
-        final_zero = cfg.final_sigmas_type == "zero"
-        if self.flow is not None:
-            kind = cfg.get("time_shift_type", "exponential")
-            check_flow_shift(cfg.flow_shift, mu, kind)
-            shift = lambda v: shift_flow(v, cfg.flow_shift, mu, kind)  # noqa: E731
-            t_min = float(shift([1.0 / Ttrain])[0])  # the final level for "sigma_min"
-            if timesteps is not None:
-                levels = check_descending("timesteps", timesteps) / Ttrain
-            elif sigmas is not None:
-                levels = check_descending("sigmas", sigmas)
-                if levels.max() > 1:
-                    raise ValueError(f"flow sigmas must lie in (0, 1] (a trailing 0 marks the final level), got "
-                                     f"{levels.tolist()}")
-                if not decoupled:  # FlowMatch's (and diffusers' UniPC's) rule: custom sigmas are shifted too
-                    levels = shift(levels)
-                    if cfg.get("shift_terminal") is not None:
-                        levels = stretch_to_terminal(levels, cfg.shift_terminal)
-            elif self.spacing == FLOW_MATCH:
-                n = check_num_steps(num_inference_steps, Ttrain)
-                levels = flow_match_sigmas(n, Ttrain, cfg.flow_shift, mu, kind)
-                if cfg.get("shift_terminal") is not None:
-                    levels = stretch_to_terminal(levels, cfg.shift_terminal)
-                if self._flow_respacing is not None:
-                    levels = flow_match_convert(levels, self._flow_respacing, cfg.get("sigma_min"), cfg.get("sigma_max"))
-            elif self.spacing in SIGMA_SPACINGS:
-                # diffusers' UniPC with use_flow_sigmas and use_karras/exponential/beta_sigmas: the spacing on VE
-                # sigmas s = t / (1 - t) in [sigma_min, sigma_max], mapped to flow time t = s / (1 + s); no shift
-                n = check_num_steps(num_inference_steps, Ttrain)
-                lo, hi = self._sigma_bounds()
-                s = sigma_spacing(self.spacing, n, lo, hi, self.flow, include_min=final_zero)
-                levels, t_min = s / (1 + s), lo / (1 + lo)
-            else:
-                n = check_num_steps(num_inference_steps, Ttrain)
-                # diffusers' DPM/UniPC flow grid; a noise-prediction solver starts one training step below 1
-                start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" or cfg.prediction_type == "epsilon" else 1.0
-                levels = flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start, kind)
-                if cfg.get("shift_terminal") is not None:
-                    levels = stretch_to_terminal(levels, cfg.shift_terminal)
-            if levels[-1] == 0:
-                levels, final = levels[:-1], 0.0
-            else:
-                final = 0.0 if final_zero else t_min
-            if not (levels.max() <= 1 and levels.min() > 0):
-                raise ValueError(f"flow levels must lie in (0, 1], got {levels.tolist()}")
-            if levels[0] == 1 and cfg.prediction_type == "epsilon":
-                raise ValueError("an epsilon-prediction model cannot be evaluated at flow sigma 1 (alpha = 0): its "
-                                 f"noise prediction carries no information there; got levels {levels.tolist()}")
-            if final >= levels[-1]:
-                raise ValueError(f"the final flow sigma {final} must be below the last level {levels[-1]}")
-            grid = Grid.from_times(self.flow, np.append(levels, final))
-            model_t = torch.from_numpy(levels * Ttrain).float()
-            self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        return num_inference_steps, timesteps, sigmas, model_times
+
+    def _flow_levels(self, n, timesteps, sigmas, mu, decoupled: bool):
+        """A flow model's levels (t in (0, 1]; a trailing 0 kept) and the final level for "sigma_min"."""
+        cfg, Ttrain = self.config, self.config.num_train_timesteps
+        kind = cfg.get("time_shift_type", "exponential")
+        check_flow_shift(cfg.flow_shift, mu, kind)
+        shift = lambda v: shift_flow(v, cfg.flow_shift, mu, kind)  # noqa: E731
+        t_min = float(shift([1.0 / Ttrain])[0])  # the final level for "sigma_min"
+        terminal = cfg.get("shift_terminal")
+        if timesteps is not None:
+            return check_descending("timesteps", timesteps) / Ttrain, t_min
+        if sigmas is not None:
+            levels = check_descending("sigmas", sigmas)
+            if levels.max() > 1:
+                raise ValueError(f"flow sigmas must lie in (0, 1] (a trailing 0 marks the final level), got "
+                                 f"{levels.tolist()}")
+            if not decoupled:  # FlowMatch's (and diffusers' UniPC's) rule: custom sigmas are shifted too
+                levels = shift(levels)
+                if terminal is not None:
+                    levels = stretch_to_terminal(levels, terminal)
+            return levels, t_min
+        n = check_num_steps(n, Ttrain)
+        if self.spacing == FLOW_MATCH:
+            levels = flow_match_sigmas(n, Ttrain, cfg.flow_shift, mu, kind)
+            if terminal is not None:
+                levels = stretch_to_terminal(levels, terminal)
+            if self._flow_respacing is not None:
+                levels = flow_match_convert(levels, self._flow_respacing, cfg.get("sigma_min"), cfg.get("sigma_max"))
+            return levels, t_min
+        if self.spacing in SIGMA_SPACINGS:
+            # diffusers' UniPC with use_flow_sigmas and use_karras/exponential/beta_sigmas: the spacing on VE
+            # sigmas s = t / (1 - t) in [sigma_min, sigma_max], mapped to flow time t = s / (1 + s); no shift
+            lo, hi = self._sigma_bounds()
+            s = sigma_spacing(self.spacing, n, lo, hi, self.flow, include_min=cfg.final_sigmas_type == "zero")
+            return s / (1 + s), lo / (1 + lo)
+        # diffusers' DPM/UniPC flow grid; a noise-prediction solver starts one training step below 1
+        start = 1.0 - 1.0 / Ttrain if self.solver.prediction == "eps" or cfg.prediction_type == "epsilon" else 1.0
+        levels = flow_sigmas(n, Ttrain, cfg.flow_shift, mu, start, kind)
+        if terminal is not None:
+            levels = stretch_to_terminal(levels, terminal)
+        return levels, t_min
+
+    def _flow_grid(self, n, timesteps, sigmas, mu, decoupled: bool):
+        levels, t_min = self._flow_levels(n, timesteps, sigmas, mu, decoupled)
+        cfg = self.config
+        if levels[-1] == 0:
+            levels, final = levels[:-1], 0.0
         else:
-            vp = self.vp
-            sigma_min, sigma_max = math.exp(vp.log_sigmas[0]), math.exp(vp.log_sigmas[-1])
-            if timesteps is not None:
-                ts = check_descending("timesteps", timesteps)
-                if ts[0] > Ttrain - 1 or ts[-1] < 0:
-                    raise ValueError(f"timesteps must lie in [0, {Ttrain - 1}], got {ts.tolist()}")
-                levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
-            elif sigmas is not None:
-                levels = check_descending("sigmas", sigmas)
-                if levels[-1] == 0:
-                    levels = levels[:-1]
-                    final_zero = True
-                ts = None
-            else:
-                n = check_num_steps(num_inference_steps, Ttrain)
-                if self.spacing in TIMESTEP_SPACINGS:
-                    ts = discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
-                    levels = vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy()
-                else:
-                    sigma_min, sigma_max = self._sigma_bounds()  # the spacing ends at its own sigma_min
-                    levels = sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
-                    ts = None
-            if ts is None:
-                ts = vp.t_from_sigma_ve(torch.tensor(levels, dtype=F64)).numpy()
-                if cfg.beta_schedule != "squaredcos_cap_v2" or cfg.trained_betas is not None:
-                    ts = ts.round()
-            final = 0.0 if final_zero else sigma_min
-            if final >= levels[-1]:
-                raise ValueError(f"the final sigma ({final:.6g}, final_sigmas_type={cfg.final_sigmas_type!r}) must be "
-                                 f"below the last level {levels[-1]:.6g}: use final_sigmas_type='zero'")
-            lo_t, hi_t = math.exp(vp.log_sigmas[0]), math.exp(vp.log_sigmas[-1])
-            if levels.max() > hi_t * (1 + 1e-4) or levels.min() < lo_t * (1 - 1e-4):  # 1e-4: published rounding (AYS)
-                raise ValueError(f"sigmas must lie in the model's trained range [{lo_t:.6g}, {hi_t:.6g}] (a trailing 0 "
-                                 f"marks the end), got {levels.tolist()}: outside it the model's time would be clipped "
-                                 f"and the levels would not be the ones integrated")
-            if np.any(np.diff(levels) >= 0):
-                dup = sorted({float(v) for v, w in zip(ts, ts[1:]) if v == w}) if ts is not None else []
-                raise ValueError(f"num_inference_steps={len(levels)} with timestep_spacing={self.spacing!r} puts two "
-                                 f"steps on the same level (timesteps {dup} repeat after rounding): use fewer steps, "
-                                 f"another spacing ('trailing', 'leading', 'karras', ...) or sigmas=")
-            grid = Grid.from_sigma_ve(vp, np.append(levels, final))
-            ts = np.asarray(ts, dtype=np.float64)
-            # integer timesteps stay int64 (diffusers' convention); fractional ones (a learned schedule's exact
-            # levels) reach the model as they are
-            model_t = torch.from_numpy(ts).to(torch.int64) if np.array_equal(ts, np.round(ts)) else torch.from_numpy(ts).float()
-            self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
-        if model_times is not None:
-            if len(model_times) != len(model_t) or not np.isfinite(model_times).all():
-                raise ValueError(f"timesteps (the model's time at each level) must be {len(model_t)} finite numbers, "
-                                 f"one per level in sigmas, got {model_times.tolist()}")
-            top = Ttrain if self.flow is not None else Ttrain - 1
-            if model_times.min() < 0 or model_times.max() > top:
-                raise ValueError(f"timesteps (the model's time at each level) must lie in [0, {top}], the model's "
-                                 f"trained times, got {model_times.tolist()}")
-            model_t = torch.from_numpy(model_times).float()
+            final = 0.0 if cfg.final_sigmas_type == "zero" else t_min
+        if not (levels.max() <= 1 and levels.min() > 0):
+            raise ValueError(f"flow levels must lie in (0, 1], got {levels.tolist()}")
+        if levels[0] == 1 and cfg.prediction_type == "epsilon":
+            raise ValueError("an epsilon-prediction model cannot be evaluated at flow sigma 1 (alpha = 0): its "
+                             f"noise prediction carries no information there; got levels {levels.tolist()}")
+        if final >= levels[-1]:
+            raise ValueError(f"the final flow sigma {final} must be below the last level {levels[-1]}")
+        self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        return Grid.from_times(self.flow, np.append(levels, final)), torch.from_numpy(levels * cfg.num_train_timesteps).float()
+
+    def _vp_levels(self, n, timesteps, sigmas):
+        """A VP model's VE levels, the timesteps they came from (None: to be derived) and the final level: 0 (a
+        trailing 0 in ``sigmas``, or final_sigmas_type "zero"), else the trained range's smallest sigma, or the
+        sigma spacing's own sigma_min."""
+        cfg, vp, Ttrain = self.config, self.vp, self.config.num_train_timesteps
+        final_zero = cfg.final_sigmas_type == "zero"
+        final = 0.0 if final_zero else math.exp(vp.log_sigmas[0])
+        if timesteps is not None:
+            ts = check_descending("timesteps", timesteps)
+            if ts[0] > Ttrain - 1 or ts[-1] < 0:
+                raise ValueError(f"timesteps must lie in [0, {Ttrain - 1}], got {ts.tolist()}")
+            return vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy(), ts, final
+        if sigmas is not None:
+            levels = check_descending("sigmas", sigmas)
+            if levels[-1] == 0:
+                return levels[:-1], None, 0.0
+            return levels, None, final
+        n = check_num_steps(n, Ttrain)
+        if self.spacing in TIMESTEP_SPACINGS:
+            ts = discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
+            return vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy(), ts, final
+        sigma_min, sigma_max = self._sigma_bounds()  # the spacing ends at its own sigma_min
+        levels = sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
+        return levels, None, 0.0 if final_zero else sigma_min
+
+    def _vp_grid(self, n, timesteps, sigmas):
+        cfg, vp = self.config, self.vp
+        levels, ts, final = self._vp_levels(n, timesteps, sigmas)
+        if ts is None:
+            ts = vp.t_from_sigma_ve(torch.tensor(levels, dtype=F64)).numpy()
+            if cfg.beta_schedule != "squaredcos_cap_v2" or cfg.trained_betas is not None:
+                ts = ts.round()
+        lo_t, hi_t = math.exp(vp.log_sigmas[0]), math.exp(vp.log_sigmas[-1])
+        if final >= levels[-1]:
+            raise ValueError(f"the final sigma ({final:.6g}, final_sigmas_type={cfg.final_sigmas_type!r}) must be "
+                             f"below the last level {levels[-1]:.6g}: use final_sigmas_type='zero'")
+        if levels.max() > hi_t * (1 + 1e-4) or levels.min() < lo_t * (1 - 1e-4):  # 1e-4: published rounding (AYS)
+            raise ValueError(f"sigmas must lie in the model's trained range [{lo_t:.6g}, {hi_t:.6g}] (a trailing 0 "
+                             f"marks the end), got {levels.tolist()}: outside it the model's time would be clipped "
+                             f"and the levels would not be the ones integrated")
+        if np.any(np.diff(levels) >= 0):
+            dup = sorted({float(v) for v, w in zip(ts, ts[1:]) if v == w})
+            raise ValueError(f"num_inference_steps={len(levels)} with timestep_spacing={self.spacing!r} puts two "
+                             f"steps on the same level (timesteps {dup} repeat after rounding): use fewer steps, "
+                             f"another spacing ('trailing', 'leading', 'karras', ...) or sigmas=")
+        ts = np.asarray(ts, dtype=np.float64)
+        # integer timesteps stay int64 (diffusers' convention); fractional ones (a learned schedule's exact
+        # levels) reach the model as they are
+        model_t = torch.from_numpy(ts).to(torch.int64) if np.array_equal(ts, np.round(ts)) else torch.from_numpy(ts).float()
+        self.sigmas = torch.tensor(np.append(levels, final), dtype=torch.float32)
+        return Grid.from_sigma_ve(vp, np.append(levels, final)), model_t
+
+    def _decoupled_times(self, model_times: np.ndarray, n: int) -> torch.Tensor:
+        if len(model_times) != n or not np.isfinite(model_times).all():
+            raise ValueError(f"timesteps (the model's time at each level) must be {n} finite numbers, one per level "
+                             f"in sigmas, got {model_times.tolist()}")
+        top = self.config.num_train_timesteps if self.flow is not None else self.config.num_train_timesteps - 1
+        if model_times.min() < 0 or model_times.max() > top:
+            raise ValueError(f"timesteps (the model's time at each level) must lie in [0, {top}], the model's "
+                             f"trained times, got {model_times.tolist()}")
+        return torch.from_numpy(model_times).float()
+
+    def _install(self, grid: Grid, model_t: torch.Tensor, device):
+        """Teleportation's skip, the learned scales, and a fresh solver state on ``grid``."""
         skip, self._teleport_from = self._teleport_skip(grid), None
         if skip:  # the tail of the same schedule: teleportation replaces the first ``skip`` steps
             self._teleport_from = (grid.alpha[0], grid.sigma[0])
@@ -454,7 +482,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             model_t, self.sigmas = model_t[skip:], self.sigmas[skip:]
         self.timesteps = model_t.to(device) if device is not None else model_t
         self.num_inference_steps = grid.num_steps
-        scales = cfg.get("learned_scales")
+        scales = self.config.get("learned_scales")
         if scales is not None:  # per-step scales of the model's prediction, learned with the schedule
             if len(scales) != grid.num_steps + skip or not all(math.isfinite(v) and v > 0 for v in scales):
                 raise ValueError(f"learned_scales must be {grid.num_steps + skip} positive finite numbers (one per step "
