@@ -73,7 +73,7 @@ def _sample_adaptive(model, noise, scheduler, adaptive: dict, callback, model_kw
         config["lower_order_final"] = False
     sch = type(scheduler).from_config(config)
     solver, cfg = sch.solver, sch.config
-    lo, hi = sch._sigma_bounds()
+    lo, hi = sch.sigma_bounds()
     calls = {"n": 0}
 
     def predict(x, grid, i, want=None):
@@ -83,7 +83,7 @@ def _sample_adaptive(model, noise, scheduler, adaptive: dict, callback, model_kw
         if callback is not None:
             callback(i, t, x)
         return convert(out.to(x.dtype), x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], want or solver.prediction,
-                       sch._threshold)
+                       sch.threshold)
 
     cdt = torch.float64 if noise.dtype == torch.float64 else torch.float32
     x, info = solve_adaptive(predict, noise.to(cdt) * sch.init_noise_sigma, solver, sch.schedule, hi, lo, **options)

@@ -228,6 +228,21 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         return self._grid
 
     @property
+    def threshold(self):
+        """The config's dynamic thresholding of the data prediction (a callable), or None."""
+        return self._threshold
+
+    @property
+    def scales(self) -> list | None:
+        """The current run's per-step prediction scales (a learned schedule's ``learned_scales``), or None."""
+        return self._scales
+
+    def sigma_bounds(self) -> tuple[float, float]:
+        """The VE sigma range the sigma spacings span: config ``sigma_min`` / ``sigma_max`` where set, else the
+        trained range."""
+        return self._sigma_bounds()
+
+    @property
     def teleport_origin(self) -> tuple[float, float] | None:
         """``(alpha, sigma)`` of the full schedule's first level, which teleportation starts from; None when the
         current schedule skips no step."""

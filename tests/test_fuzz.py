@@ -73,10 +73,10 @@ def solve(s, x, **set_kw):
     for t in timesteps:
         y = s.step(smooth_model(y, t), t, y).prev_sample
     g = s.grid
-    if (g.alpha[0] == 0.0 and s.solver.prediction == "eps") or s._scales is not None or s.solver.stochastic:
+    if (g.alpha[0] == 0.0 and s.solver.prediction == "eps") or s.scales is not None or s.solver.stochastic:
         return y, None  # the exact first step from pure noise, learned scales and SDE noise are tested apart
     core = integrate(smooth_model, x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), s.solver, g,
-                     s.config.prediction_type, model_time=lambda i: timesteps[i], threshold=s._threshold)
+                     s.config.prediction_type, model_time=lambda i: timesteps[i], threshold=s.threshold)
     return y, core.to(x.dtype)
 
 
