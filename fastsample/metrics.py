@@ -49,9 +49,20 @@ class FeatureNet(nn.Module):
         path = Path(path)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"no feature network at {path}: train it with python scripts/train_classifier.py")
-        cfg = json.loads((path / "config.json").read_text())
-        net = cls(cfg["width"], cfg["feature_dim"], cfg["num_classes"])
-        net.load_state_dict(load_file(str(path / "model.safetensors")))
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+            net = cls(int(cfg["width"]), int(cfg["feature_dim"]), int(cfg["num_classes"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path / 'config.json'}: not a feature network config (width, feature_dim, "
+                             f"num_classes): {e!r}") from None
+        weights = load_file(str(path / "model.safetensors"))
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{path / 'model.safetensors'}: non-finite weights in {bad}")
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"{path / 'model.safetensors'} does not fit its config: {e}") from None
         return net.eval().requires_grad_(False)
 
 
@@ -174,7 +185,12 @@ def reference_statistics(images: torch.Tensor, feature: str = "fmnist", extracto
     path = Path(cache_dir) / f"{feature}-{key}.safetensors"
     if path.is_file():
         d = load_file(str(path))
-        return d["mu"].numpy(), d["sigma"].numpy()
+        mu, sigma = d.get("mu"), d.get("sigma")
+        if (mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu))
+                or not (torch.isfinite(mu).all() and torch.isfinite(sigma).all())):
+            raise ValueError(f"{path}: a broken reference-statistics cache (mu, sigma of the features); delete it "
+                             f"and it is computed again")
+        return mu.numpy(), sigma.numpy()
     mu, sigma = statistics(features(images, feature, extractor))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, str(path))

@@ -329,3 +329,30 @@ def test_inception_features_or_a_clear_error():
         assert "Inception weights" in str(e) and "feature='fmnist'" in str(e)
         return
     assert features(blobs(4, 0), "inception", ext).shape == (4, 2048)
+
+
+def test_feature_network_and_statistics_cache_are_validated(tmp_path):
+    """Issue 20: a broken feature network or reference-statistics cache is an error that names the file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fastsample import metrics
+
+    shutil.copytree(metrics.FEATURES_DIR, tmp_path / "net")
+    (tmp_path / "net" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="config.json: not a feature network config"):
+        metrics.FeatureNet.load(tmp_path / "net")
+    shutil.copy(metrics.FEATURES_DIR / "config.json", tmp_path / "net" / "config.json")
+    weights = {k: v.clone() for k, v in metrics.FeatureNet.load().state_dict().items()}
+    first = next(iter(weights))
+    weights[first].fill_(float("nan"))
+    save_file(weights, str(tmp_path / "net" / "model.safetensors"))
+    with pytest.raises(ValueError, match="non-finite weights"):
+        metrics.FeatureNet.load(tmp_path / "net")
+    images = torch.zeros(4, 1, 32, 32)
+    net = metrics.FeatureNet.load()
+    key = metrics.tensor_digest(images, *net.state_dict().values())
+    save_file({"mu": torch.zeros(3)}, str(tmp_path / f"fmnist-{key}.safetensors"))
+    with pytest.raises(ValueError, match="broken reference-statistics cache"):
+        metrics.reference_statistics(images, extractor=net, cache_dir=tmp_path)
