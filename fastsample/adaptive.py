@@ -58,6 +58,10 @@ def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: floa
     check_adaptive({"rtol": rtol, "atol": atol, "h_init": h_init, "max_steps": max_steps})
     if solver.stochastic:
         raise ValueError(f"adaptive step size needs a deterministic solver, got {type(solver).__name__} with noise")
+    probe = _grid(schedule, [-math.log(sigma_start), -math.log(sigma_start) + 1.0])
+    if len(solver.calls(probe)) != probe.num_steps:
+        raise ValueError(f"adaptive step size needs a multistep solver (one model call a step and an embedded lower "
+                         f"order), got {type(solver).__name__}")
     if not 0 < sigma_end < sigma_start < math.inf:
         raise ValueError(f"need 0 < sigma_end < sigma_start, got {sigma_start}, {sigma_end}")
     lam_end = -math.log(sigma_end)

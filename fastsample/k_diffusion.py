@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from .noise import BrownianTree
 from .parameterization import convert
@@ -80,9 +80,10 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     grid = grid_from_sigmas(sig, model_type)
     n = grid.num_steps
     positive = [v for v in sig if v > 0]
+    lo, hi = min(positive), max(positive)
+    lo = lo if lo < hi else hi / 2  # one level (a single step into 0): any range that holds it
     # the solver on the sigmas' own schedule (DEIS integrates its coefficients in the schedule's time)
-    scheduler.schedule = (VE(min(positive), max(positive)) if model_type == "ve"
-                          else RectifiedFlow(t_min=min(positive), t_max=max(positive)))
+    scheduler.schedule = VE(lo, hi) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)
     solver = scheduler.make_solver()
     if hasattr(scheduler, "compensation_for"):  # DC-Solver's ratios for this step count
         solver.compensation = scheduler.compensation_for(n)
@@ -98,20 +99,20 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
         noise_sampler = default_noise_sampler(x, sig, extra_args.get("seed"))
     state = solver.init(grid)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    for i in trange(n, disable=disable):
-        sigma = sigmas[i] if torch.is_tensor(sigmas) else torch.tensor(sig[i])
+    for node, i in tqdm(solver.calls(grid), disable=disable):  # one call a step, or Heun's two
+        sigma = sigmas[node] if torch.is_tensor(sigmas) else torch.tensor(sig[node])
         denoised = model(x, sigma * s_in, **extra_args)
-        if callback is not None:
+        if callback is not None and node == i:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         xc, x0 = x.to(cdt), denoised.to(cdt)
         if not torch.isfinite(x0).all():
-            raise ValueError(f"the model's denoised output contains NaN or Inf at step {i} (sigma {sig[i]})")
+            raise ValueError(f"the model's denoised output contains NaN or Inf at step {i} (sigma {sig[node]})")
         if scales is not None:
             x0 = x0 * scales[i]
-        if grid.alpha[i] == 0.0 and solver.prediction == "eps":
+        if grid.alpha[node] == 0.0 and solver.prediction == "eps":
             x_next, state = step_from_pure_noise(grid, state, xc, x0)
         else:
-            pred = convert(x0, xc, "sample", grid.alpha[i], grid.sigma[i], solver.prediction)
+            pred = convert(x0, xc, "sample", grid.alpha[node], grid.sigma[node], solver.prediction)
             noise = None
             if solver.needs_noise(grid, i):
                 levels = (sigmas[i], sigmas[i + 1]) if torch.is_tensor(sigmas) else (sig[i], sig[i + 1])
@@ -146,40 +147,27 @@ sample_dpmpp_3m_sde = _named("dpmsolver++", "k-diffusion's sample_dpmpp_3m_sde (
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, model_type: str = "ve"):
-    """The second-order Heun sampler of EDM (Karras et al. 2022, Algorithm 2), with k-diffusion's options: the
-    trapezoidal rule on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma, two model calls a step and
-    one (Euler) into sigma = 0.  ``s_churn`` > 0 first raises the level of the steps with sigma in
-    [s_tmin, s_tmax] by a factor 1 + min(s_churn / N, sqrt 2 - 1) with fresh noise (torch's global generator;
-    VE only).  The one staged method here: the registry's multistep solvers take one call a step."""
+    """EDM's second-order Heun sampler (Karras et al. 2022, Algorithm 2) with k-diffusion's options: the registered
+    ``heun`` solver (solvers/heun.py), two model calls a step and one into sigma = 0.  ``s_churn`` > 0 first
+    raises the level of each step with sigma in [s_tmin, s_tmax] by a factor 1 + min(s_churn / N, sqrt 2 - 1), with
+    fresh noise from torch's global generator (drawn at every step, as k-diffusion does; VE only)."""
     levels = grid_from_sigmas(sigmas.tolist() if torch.is_tensor(sigmas) else list(sigmas), model_type).sigma
     if s_churn and model_type != "ve":
         raise ValueError(f"s_churn adds VE noise: it needs model_type='ve', got {model_type!r}")
-    kw = {} if extra_args is None else extra_args
+    if not s_churn:
+        return sample("heun", model, x, sigmas, extra_args, callback, disable, model_type=model_type)
     levels_t = torch.as_tensor(sigmas)
-    ones = x.new_ones([x.shape[0]])
     n = len(levels) - 1
     churn = min(s_churn / n, math.sqrt(2) - 1)
-
-    def slope(y, level):  # dx/dsigma at (y, level), and the denoised image it came from
-        d = model(y, level * ones, **kw)
-        return (y - d) / level, d
-
     for i in trange(n, disable=disable):
-        lifted = churn > 0 and s_tmin <= levels[i] <= s_tmax
-        z = torch.randn_like(x) * s_noise  # drawn every step, as k-diffusion does, so a seed gives its samples
+        lifted = s_tmin <= levels[i] <= s_tmax
+        z = torch.randn_like(x) * s_noise
         start = levels_t[i] * (1 + churn) if lifted else levels_t[i]
         if lifted:
             x = x + z * (start ** 2 - levels_t[i] ** 2).sqrt()
-        k1, denoised = slope(x, start)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": levels_t[i], "sigma_hat": start, "denoised": denoised})
-        dt = levels_t[i + 1] - start
-        predicted = x + k1 * dt
-        if levels[i + 1] == 0:
-            x = predicted
-            continue
-        k2, _ = slope(predicted, levels_t[i + 1])
-        x = x + 0.5 * (k1 + k2) * dt
+        step_callback = None if callback is None else (
+            lambda d, i=i, s=start: callback({**d, "i": i, "sigma": levels_t[i], "sigma_hat": s}))
+        x = sample("heun", model, x, torch.stack([start, levels_t[i + 1]]), extra_args, step_callback, True)
     return x
 
 
@@ -211,7 +199,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
         raise ValueError(f"need 0 < sigma_min < sigma_max{' < 1' if model_type == 'const' else ''}, got "
                          f"sigma_min={lo}, sigma_max={hi}")
     info_, variant = lookup(solver)
-    sch = info_.make(**{**variant, **options, "lower_order_final": False})
+    takes = info_.scheduler.__init__.__code__.co_varnames
+    sch = info_.make(**{**variant, **options, **({"lower_order_final": False} if "lower_order_final" in takes else {})})
     # VE sigmas of the levels: for CONST, sigma_ve = s / (1 - s)
     to_ve = (lambda s: s) if model_type == "ve" else (lambda s: s / (1 - s))
     sch.schedule = VE(to_ve(lo), to_ve(hi)) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)

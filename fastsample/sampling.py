@@ -134,15 +134,15 @@ def trajectory(model, x: torch.Tensor, solver, grid, prediction_type: str = "eps
     keep = set(range(grid.num_steps + 1) if keep is None else keep)
     out = [x] if 0 in keep else []
     state = solver.init(grid)
-    for i in range(grid.num_steps):
-        t = grid.t[i] if model_time is None else model_time(i)
-        pred = convert(model_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[i], grid.sigma[i],
-                       solver.prediction, threshold)
+    for node, i in solver.calls(grid):  # one call a step, or a staged solver's several (Heun)
+        t = grid.t[node] if model_time is None else model_time(node)
+        pred = convert(model_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[node],
+                       grid.sigma[node], solver.prediction, threshold)
         noise = None
         if solver.needs_noise(grid, i):
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x, state = solver.step(grid, state, x, pred, noise)
-        if i + 1 in keep:
+        if state.index == i + 1 and i + 1 in keep:
             out.append(x)
     return out
 

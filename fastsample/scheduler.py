@@ -495,6 +495,10 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             self._teleport_from = (grid.alpha[0], grid.sigma[0])
             grid = Grid(grid.alpha[skip:], grid.sigma[skip:], grid.lam[skip:], grid.t[skip:])
             model_t, self.sigmas = model_t[skip:], self.sigmas[skip:]
+        # the model calls: one a step for the multistep solvers, several for a staged one (Heun)
+        self._calls = self.solver.calls(grid)
+        if [c for c, _ in self._calls] != list(range(grid.num_steps)):
+            model_t = model_t[[node for node, _ in self._calls]]
         self.timesteps = model_t.to(device) if device is not None else model_t
         self.num_inference_steps = grid.num_steps
         scales = self.config.get("learned_scales")
@@ -561,7 +565,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         step = torch.full((), i, device=total.device)
         prev = self._bad_step if self._bad_step is not None else torch.full((), -1, device=total.device)
         self._bad_step = torch.where((prev < 0) & bad, step, prev)
-        if i == self.num_inference_steps - 1 and self.nonfinite_step is not None:
+        if i == len(self._calls) - 1 and self.nonfinite_step is not None:
             raise ValueError(f"the model output, sample or noise contained NaN or Inf at step {self.nonfinite_step} "
                              f"({', '.join(totals)} were checked)")
 
@@ -612,8 +616,9 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        if i >= self.num_inference_steps:
-            raise RuntimeError(f"step() called {i + 1} times for {self.num_inference_steps} steps: call set_timesteps again")
+        if i >= len(self._calls):
+            raise RuntimeError(f"step() called {i + 1} times for {len(self._calls)} model calls ({self.num_inference_steps} "
+                               f"steps): call set_timesteps again")
         if model_output.shape != sample.shape:
             if self.config.get("variance_type") in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
                 model_output = model_output[:, : sample.shape[1]]
@@ -623,15 +628,21 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
-        pred = convert(out, x, self.config.prediction_type, g.alpha[i], g.sigma[i], self.solver.prediction,
-                         self._threshold)
+        node, k = self._calls[i]  # the call's grid node and the step it belongs to
+        pred = convert(out, x, self.config.prediction_type, g.alpha[node], g.sigma[node], self.solver.prediction,
+                       self._threshold)
         if self._scales is not None:
-            pred = pred * self._scales[i]
-        state = self._state if self._state.index == i else replace(self._state, index=i)
-        if g.alpha[i] == 0.0 and self.solver.prediction == "eps":
+            pred = pred * self._scales[k]
+        state = self._state
+        if state.index != k:  # a begin index (img2img) or a step count reused: start step k afresh
+            if node != k:
+                raise RuntimeError(f"model call {i} is the second stage of step {k}: begin at a step's first call")
+            staged = len(self._calls) != g.num_steps
+            state = replace(state, index=k, history=(), orders=(), last_x=None) if staged else replace(state, index=k)
+        if g.alpha[node] == 0.0 and self.solver.prediction == "eps":
             x_next, self._state = self._step_from_pure_noise(g, state, x, out)
         else:
-            noise = self._noise(i, x, generator, variance_noise) if self.solver.needs_noise(g, i) else None
+            noise = self._noise(k, x, generator, variance_noise) if self.solver.needs_noise(g, k) else None
             x_next, self._state = self.solver.step(g, state, x, pred, noise)
         self._step_index = i + 1
         prev = x_next.to(sample.dtype)

@@ -145,6 +145,12 @@ class Solver:
         new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x)
         return x_next, new
 
+    def calls(self, grid: Grid) -> list[tuple[int, int]]:
+        """The model calls of a solve on ``grid``, in order, as (grid node the model is evaluated at, step they
+        belong to).  One call a step at its start node for the multistep solvers; a staged solver (Heun) lists
+        several calls for a step, and ``step`` is called once per call."""
+        return [(i, i) for i in range(grid.num_steps)]
+
     def needs_noise(self, grid: Grid, i: int) -> bool:
         return self.stochastic and grid.sigma[i + 1] > 0
 

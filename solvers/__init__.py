@@ -3,7 +3,8 @@ from .dc_solver import CPR, DCSolverScheduler, DynamicCompensation, fit_dc_ratio
 from .deis import DEIS, DEISScheduler
 from .dpm_solver_pp import DPMSolverPlusPlus, DPMSolverPlusPlusScheduler
 from .er_sde import ERSDE, ERSDEScheduler
+from .heun import Heun, HeunScheduler
 from .unipc import UniPC, UniPCScheduler
 
-__all__ = ["CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "ERSDE", "ERSDEScheduler",
+__all__ = ["CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "ERSDE", "ERSDEScheduler", "Heun", "HeunScheduler",
            "DynamicCompensation", "UniPC", "UniPCScheduler", "fit_dc_ratios"]

@@ -23,7 +23,10 @@ def solvers(schedule):
     are ordinary steps here.  A registered solver is tested here without any edit of this file."""
     from fastsample.registry import solver_on, variants
 
-    return {name: (solver_on(schedule, name, lower_order_final=False), v.order)
+    def options(info):
+        return {"lower_order_final": False} if "lower_order_final" in info.scheduler.__init__.__code__.co_varnames else {}
+
+    return {name: (solver_on(schedule, name, **options(info)), v.order)
             for name, (info, v) in variants().items() if v.order is not None}
 
 
