@@ -2,6 +2,7 @@
 
     python scripts/sample.py                       # defaults: UniPC, 10 model calls, 16 images
     python scripts/sample.py --scheduler dpmsolver++ --nfe 8 --num 25 --seed 1 --out grid.png
+    python scripts/sample.py --nfe 10 200 --out results/fmnist-large/nfe10-vs-200.png   # the same noise, side by side
 
 Models: the shipped Fashion-MNIST UNets (fastsample.zoo: fmnist-small, fmnist-large, fmnist-cond) and the
 exact-score ``shapes`` testbed (fastsample.testbeds.shapes_mixture), a Gaussian mixture of 32x32 shapes whose score
@@ -61,7 +62,8 @@ def main(argv=None):
     p.add_argument("--guidance-scale", type=cli.number(0.0), default=3.0, help="classifier-free guidance (fmnist-cond)")
     p.add_argument("--scheduler", default="unipc", choices=scheduler_choices())
     p.add_argument("--order", type=cli.integer(1, 3), default=None, help="solver_order (default: the scheduler's)")
-    p.add_argument("--nfe", type=cli.integer(1), default=10, help="model calls (= inference steps)")
+    p.add_argument("--nfe", type=cli.integer(1), nargs="+", default=[10],
+                   help="model calls (= inference steps); several: one grid each from the same noise, side by side")
     p.add_argument("--num", type=cli.integer(1), default=16, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=cli.integer(8), default=32, help="image size (the shapes model; the Fashion-MNIST models are 32)")
@@ -73,15 +75,31 @@ def main(argv=None):
     config = {} if args.order is None else {"solver_order": args.order}
     scheduler = make_scheduler(args.scheduler, **config)
     noise = torch.randn(args.num, 1, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
-    start = time.perf_counter()
-    with torch.no_grad():
-        x, nfe = sample(model, noise, scheduler=scheduler, num_inference_steps=args.nfe, progress=False)
-    took = time.perf_counter() - start
-
+    grids = []
+    for steps in args.nfe:
+        start = time.perf_counter()
+        with torch.no_grad():
+            x, nfe = sample(model, noise, scheduler=scheduler, num_inference_steps=steps, progress=False)
+        took = time.perf_counter() - start
+        grids.append(image_grid(x))
+        print(f"{args.num} samples from {args.model} with {type(scheduler).__name__} at {nfe} model calls "
+              f"in {took:.2f} s")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    image_grid(x).save(args.out)
-    print(f"{args.num} samples from {args.model} with {type(scheduler).__name__} at {nfe} model calls "
-          f"in {took:.2f} s -> {args.out}")
+    side_by_side(grids).save(args.out)
+    print(f"-> {args.out}")
+
+
+def side_by_side(grids, gap: int = 16):
+    """PIL grids in a row with a white gap between them."""
+    from PIL import Image
+
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    canvas = Image.new("L", (width, max(g.height for g in grids)), 255)
+    x = 0
+    for g in grids:
+        canvas.paste(g, (x, 0))
+        x += g.width + gap
+    return canvas
 
 
 if __name__ == "__main__":
