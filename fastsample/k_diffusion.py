@@ -31,7 +31,7 @@ from .parameterization import convert
 from .registry import all_names, lookup
 from .schedules import VE, RectifiedFlow
 from .solver import Grid, step_from_pure_noise
-from .timesteps import check_choice, check_descending
+from .timesteps import check_choice, check_descending, check_scales
 
 MODEL_TYPES = ("ve", "const")
 
@@ -88,9 +88,7 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     if hasattr(scheduler, "compensation_for"):  # DC-Solver's ratios for this step count
         solver.compensation = scheduler.compensation_for(n)
     if scales is not None:
-        scales = [float(v) for v in scales]
-        if len(scales) != n or not all(math.isfinite(v) and v > 0 for v in scales):
-            raise ValueError(f"scales must be {n} positive finite numbers (one per step), got {scales}")
+        scales = check_scales(scales, n, "scales")
     if not (isinstance(s_noise, (int, float)) and math.isfinite(s_noise) and s_noise >= 0):
         raise ValueError(f"s_noise must be a finite number >= 0, got {s_noise!r}")
     extra_args = {} if extra_args is None else extra_args
@@ -199,8 +197,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
         raise ValueError(f"need 0 < sigma_min < sigma_max{' < 1' if model_type == 'const' else ''}, got "
                          f"sigma_min={lo}, sigma_max={hi}")
     info_, variant = lookup(solver)
-    takes = info_.scheduler.__init__.__code__.co_varnames
-    sch = info_.make(**{**variant, **options, **({"lower_order_final": False} if "lower_order_final" in takes else {})})
+    sch = info_.make(**{**variant, **options, **({"lower_order_final": False} if info_.takes("lower_order_final") else {})})
     # VE sigmas of the levels: for CONST, sigma_ve = s / (1 - s)
     to_ve = (lambda s: s) if model_type == "ve" else (lambda s: s / (1 - s))
     sch.schedule = VE(to_ve(lo), to_ve(hi)) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)

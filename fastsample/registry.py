@@ -38,6 +38,18 @@ class SolverInfo:
     def make(self, **config):
         return self.scheduler(**config)
 
+    def takes(self, key: str) -> bool:
+        """Whether the scheduler's config has ``key`` (its ``__init__`` signature, through diffusers' wrapper)."""
+        return key in config_keys(self.scheduler)
+
+
+def config_keys(scheduler_class) -> set:
+    """The config keys of a scheduler class: its ``__init__`` parameters (``inspect.signature`` follows diffusers'
+    ``register_to_config`` wrapper, whose own code object has only ``*args, **kwargs``)."""
+    import inspect
+
+    return set(inspect.signature(scheduler_class.__init__).parameters) - {"self"}
+
 
 _REGISTRY: dict[str, SolverInfo] = {}
 _loaded = False

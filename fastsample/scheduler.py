@@ -18,7 +18,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import check_prediction_type, convert, dynamic_threshold
 from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIMESTEP_SPACINGS, check_choice,
-                        check_descending, check_flow_shift, check_num_steps, discrete_timesteps, flow_match_convert,
+                        check_descending, check_flow_shift, check_num_steps, check_scales, discrete_timesteps,
+                        flow_match_convert,
                         flow_match_sigmas, flow_sigmas, shift_flow, sigma_spacing, stretch_to_terminal)
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
@@ -490,6 +491,13 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
 
     def _install(self, grid: Grid, model_t: torch.Tensor, device):
         """Teleportation's skip, the learned scales, and a fresh solver state on ``grid``."""
+        lam = grid.lam
+        flat = [i for i in range(grid.num_steps) if not lam[i + 1] > lam[i]]
+        if flat:  # levels a float64 ULP apart: the solvers divide by the step in log-SNR
+            i = flat[0]
+            raise ValueError(f"levels {i} and {i + 1} of the grid ({self.sigmas[i].item():.6g}, "
+                             f"{self.sigmas[i + 1].item():.6g}) are too close: the log-SNR does not increase between "
+                             f"them; use distinct levels")
         skip, self._teleport_from = self._teleport_skip(grid), None
         if skip:  # the tail of the same schedule: teleportation replaces the first ``skip`` steps
             self._teleport_from = (grid.alpha[0], grid.sigma[0])
@@ -498,15 +506,17 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         # the model calls: one a step for the multistep solvers, several for a staged one (Heun)
         self._calls = self.solver.calls(grid)
         if [c for c, _ in self._calls] != list(range(grid.num_steps)):
+            if any(node == grid.num_steps for node, _ in self._calls):  # a stage at the end level (sigma_min)
+                end = float(self.model_time(grid)(grid.num_steps))
+                end = round(end) if model_t.dtype == torch.int64 else end
+                model_t = torch.cat([model_t, torch.tensor([end], dtype=model_t.dtype)])
             model_t = model_t[[node for node, _ in self._calls]]
         self.timesteps = model_t.to(device) if device is not None else model_t
         self.num_inference_steps = grid.num_steps
         scales = self.config.get("learned_scales")
         if scales is not None:  # per-step scales of the model's prediction, learned with the schedule
-            if len(scales) != grid.num_steps + skip or not all(math.isfinite(v) and v > 0 for v in scales):
-                raise ValueError(f"learned_scales must be {grid.num_steps + skip} positive finite numbers (one per step "
-                                 f"of the schedule, teleported steps included), got {list(scales)}")
-            self._scales = [float(v) for v in scales][skip:]
+            # one per step of the schedule, teleported steps included
+            self._scales = check_scales(scales, grid.num_steps + skip)[skip:]
         else:
             self._scales = None
         self._grid = grid

@@ -168,7 +168,8 @@ def make_betas(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_
     """diffusers' beta schedules, built exactly as diffusers builds them (float32): this is the schedule a
     diffusers-trained model saw in training (its ``add_noise`` uses these float32 values)."""
     if (isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, float))
-            or num_train_timesteps != int(num_train_timesteps) or not 2 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS):
+            or not math.isfinite(num_train_timesteps) or num_train_timesteps != int(num_train_timesteps)
+            or not 2 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS):
         raise ValueError(f"num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], got "
                          f"{num_train_timesteps!r}")
     n = int(num_train_timesteps)
@@ -179,6 +180,11 @@ def make_betas(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_
             raise ValueError(f"trained_betas must be num_train_timesteps ({n}) numbers in (0, 1), got "
                              f"{betas.numel()} values in [{float(betas.min()):.4g}, {float(betas.max()):.4g}]"
                              if betas.numel() else f"trained_betas must be {n} numbers in (0, 1), got none")
+    elif beta_schedule in ("linear", "scaled_linear") and not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in (beta_start, beta_end))\
+            or beta_schedule in ("linear", "scaled_linear") and not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"beta_start and beta_end must be numbers with 0 < beta_start <= beta_end < 1, got "
+                         f"beta_start={beta_start!r}, beta_end={beta_end!r}")
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, n, dtype=f32)
     elif beta_schedule == "scaled_linear":

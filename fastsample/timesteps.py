@@ -190,3 +190,18 @@ def check_descending(name: str, values, allow_final_zero: bool = True) -> np.nda
     if np.any(v < 0):
         raise ValueError(f"{name} must be non-negative, got {v.tolist()}")
     return v
+
+
+SCALE_RANGE = (0.0, 10.0)  # a learned per-step scale of the model's prediction: a correction near 1, never 0 or huge
+
+
+def check_scales(scales, n: int, name: str = "learned_scales") -> list[float]:
+    """``n`` per-step prediction scales, each finite in (0, 10]."""
+    lo, hi = SCALE_RANGE
+    try:
+        values = [float(v) for v in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {n} numbers in ({lo:g}, {hi:g}], got {scales!r}") from None
+    if len(values) != n or not all(lo < v <= hi for v in values):  # NaN fails too
+        raise ValueError(f"{name} must be {n} numbers in ({lo:g}, {hi:g}] (one per step; 1: no scaling), got {values}")
+    return values

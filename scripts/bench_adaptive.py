@@ -31,6 +31,8 @@ OURS = ["unipc3", "dpm++3m", "unipc2"]
 
 def k_diffusion_sampling():
     """k-diffusion's sampling module alone (its package imports training extras)."""
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
         raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion torchdiffeq")

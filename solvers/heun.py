@@ -86,12 +86,9 @@ class HeunScheduler(FastScheduler):
                  use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, use_dynamic_shifting: bool = False,
                  time_shift_type: str = "exponential", final_sigmas_type: str = "zero",
-                 rescale_betas_zero_snr: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
-                 spacing: str | None = None, teleport_stats: str | None = None, teleport_fraction: float = 0.0,
+                 rescale_betas_zero_snr: bool = False, spacing: str | None = None, teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
                  learned_scales: list | None = None, learned_sigmas: list | None = None):
-        if clip_sample:
-            raise ValueError("clip_sample=True is not supported by HeunScheduler: use thresholding=True")
         self._setup()
 
     def make_solver(self) -> Solver:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fastsample.timesteps import check_scales
+
 METHODS = ("dp", "gradient")
 TIME_UNIT = 10.0  # model-time units per unit of a decoupled time offset parameter
 
@@ -89,8 +91,8 @@ class LearnedSchedule:
             raise ValueError(f"sigmas must be non-negative and strictly decreasing, got {self.sigmas}")
         if self.scales is not None and len(self.scales) != self.nfe:
             raise ValueError(f"a schedule for {self.nfe} NFE needs {self.nfe} scales, got {len(self.scales)}")
-        if self.scales is not None and min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive, got {self.scales}")
+        if self.scales is not None:
+            check_scales(self.scales, self.nfe, "scales")
         if min(t) < 0:
             raise ValueError(f"timesteps (model times) must be non-negative, got {t}")
 

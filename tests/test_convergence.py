@@ -24,7 +24,7 @@ def solvers(schedule):
     from fastsample.registry import solver_on, variants
 
     def options(info):
-        return {"lower_order_final": False} if "lower_order_final" in info.scheduler.__init__.__code__.co_varnames else {}
+        return {"lower_order_final": False} if info.takes("lower_order_final") else {}
 
     return {name: (solver_on(schedule, name, **options(info)), v.order)
             for name, (info, v) in variants().items() if v.order is not None}

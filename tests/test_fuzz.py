@@ -61,7 +61,9 @@ DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.fl
 
 def make(cls, config):
     """Construct ``cls(**config)``, keeping only the keys it takes (the rest would be an unrelated TypeError)."""
-    names = cls.__init__.__code__.co_varnames
+    from fastsample.registry import config_keys
+
+    names = config_keys(cls)
     return cls(**{k: v for k, v in config.items() if k in names})
 
 
@@ -75,8 +77,9 @@ def solve(s, x, **set_kw):
     g = s.grid
     if (g.alpha[0] == 0.0 and s.solver.prediction == "eps") or s.scales is not None or s.solver.stochastic:
         return y, None  # the exact first step from pure noise, learned scales and SDE noise are tested apart
+    at_node = {node: t for (node, _), t in zip(s.solver.calls(g), timesteps)}  # the model time of each node
     core = integrate(smooth_model, x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), s.solver, g,
-                     s.config.prediction_type, model_time=lambda i: timesteps[i], threshold=s.threshold)
+                     s.config.prediction_type, model_time=lambda i: at_node[i], threshold=s.threshold)
     return y, core.to(x.dtype)
 
 

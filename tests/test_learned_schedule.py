@@ -308,7 +308,7 @@ def test_schedule_files_are_validated_when_loaded(problem, tmp_path):
     good = json.loads(json.dumps(s.__dict__))
     cases = [({"sigmas": [float("nan")] + good["sigmas"][1:]}, "sigmas must be a list of finite numbers"),
              ({"timesteps": [-5.0] + good["timesteps"][1:]}, "timesteps .* must be non-negative"),
-             ({"scales": [1.0, 0.0, 1.0, 1.0]}, "scales must be positive"),
+             ({"scales": [1.0, 0.0, 1.0, 1.0]}, r"scales must be 4 numbers in \(0, 10\]"),
              ({"nfe": 0}, "nfe must be a positive integer")]
     for i, (change, match) in enumerate(cases):
         path = tmp_path / f"bad{i}.json"

@@ -159,6 +159,11 @@ def init_image():
     return Image.fromarray(rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8))
 
 
+def levels(timesteps) -> list:
+    """The distinct timesteps in order: a staged scheduler (Heun) lists each inner level twice."""
+    return list(dict.fromkeys(timesteps.tolist()))
+
+
 # ---------------------------------------------------------------------------------------------- 1. DDPMPipeline
 def ddpm_pipe(unet, scheduler):
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
@@ -174,9 +179,11 @@ def test_ddpm_pipeline_end_to_end(cls, ddpm_unet):
     assert isinstance(images, np.ndarray) and images.shape == (2, 8, 8, 3)
     assert np.isfinite(images).all()
     assert images.std() > 0
-    assert calls.n == 3 and calls.batches == [2, 2, 2]
+    n = len(pipe.scheduler.timesteps)  # 3 steps: 3 model calls, or 5 for a staged solver (Heun)
+    assert pipe.scheduler.num_inference_steps == 3 and n == 3 * cls.order - (cls.order - 1)
+    assert calls.n == n and calls.batches == [2] * n
     assert calls.timesteps == pipe.scheduler.timesteps.tolist()
-    assert pipe.scheduler.step_index == 3  # every step went through the scheduler
+    assert pipe.scheduler.step_index == n  # every call went through the scheduler
 
 
 def test_ddpm_sde_same_seed_same_image(ddpm_unet):
@@ -215,8 +222,9 @@ def test_sd_pipeline(cls, guidance_scale, sd_components):
     with UNetCalls(sd_components["unet"]) as calls:
         images = run_sd(pipe, num_inference_steps=3, guidance_scale=guidance_scale)
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
-    assert calls.n == 3  # one UNet call per step; CFG runs cond + uncond as one batch of 2
-    assert calls.batches == [2 if guidance_scale > 1 else 1] * 3
+    n = len(pipe.scheduler.timesteps)  # one UNet call per step (two for Heun); CFG batches cond + uncond
+    assert calls.n == n == 3 * cls.order - (cls.order - 1)
+    assert calls.batches == [2 if guidance_scale > 1 else 1] * n
     assert calls.timesteps == pipe.scheduler.timesteps.tolist()
     latents = run_sd(pipe, num_inference_steps=3, guidance_scale=guidance_scale, output_type="latent")
     assert latents.shape == (1, 4, SIZE // 2, SIZE // 2) and torch.isfinite(latents).all()
@@ -229,9 +237,10 @@ def test_sd_pipeline_custom_timesteps(cls, sd_components):
     with UNetCalls(sd_components["unet"]) as calls:
         images = run_sd(pipe, num_inference_steps=None, timesteps=timesteps, guidance_scale=3.0)
     assert np.isfinite(images).all()
-    assert calls.n == len(timesteps) and calls.batches == [2] * 4
-    assert calls.timesteps == [float(t) for t in timesteps]
-    assert pipe.scheduler.timesteps.tolist() == timesteps
+    n = len(pipe.scheduler.timesteps)
+    assert calls.n == n == 4 * cls.order - (cls.order - 1) and calls.batches == [2] * n
+    assert calls.timesteps == pipe.scheduler.timesteps.tolist()
+    assert levels(pipe.scheduler.timesteps) == timesteps
 
 
 @pytest.mark.parametrize("cls", OURS, ids=_ids)
@@ -241,9 +250,10 @@ def test_sd_pipeline_custom_sigmas(cls, sd_components):
     with UNetCalls(sd_components["unet"]) as calls:
         images = run_sd(pipe, num_inference_steps=None, sigmas=sigmas, guidance_scale=3.0)
     assert np.isfinite(images).all()
-    assert calls.n == len(sigmas) and calls.batches == [2] * 4
-    ts = pipe.scheduler.timesteps
-    assert calls.timesteps == ts.tolist()
+    n = len(pipe.scheduler.timesteps)
+    assert calls.n == n == 4 * cls.order - (cls.order - 1) and calls.batches == [2] * n
+    assert calls.timesteps == pipe.scheduler.timesteps.tolist()
+    ts = torch.tensor(levels(pipe.scheduler.timesteps))
     assert len(ts) == 4 and (ts[:-1] > ts[1:]).all() and 0 <= ts.min() and ts.max() <= 999
     np.testing.assert_allclose(pipe.scheduler.sigmas[:4].numpy(), sigmas, rtol=1e-5)
     # the timesteps the UNet sees are those of the given sigmas on SD's schedule: sigma_ve(t) ~ sigma
@@ -295,10 +305,12 @@ def test_img2img_strength(cls, sd_components, init_image):
                       generator=_gen(0), output_type="np").images
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
     sched = pipe.scheduler
-    assert sched.begin_index == 2  # set_begin_index(t_start): the first half of the grid is skipped
-    assert calls.n == 2 and calls.batches == [2, 2]
-    assert calls.timesteps == sched.timesteps[2:].tolist()
-    assert sched.step_index == 4
+    begin = 2 * cls.order  # set_begin_index(t_start * order): the first half of the grid is skipped
+    assert sched.begin_index == begin
+    n = len(sched.timesteps) - begin
+    assert calls.n == n == 2 * cls.order - (cls.order - 1) and calls.batches == [2] * n
+    assert calls.timesteps == sched.timesteps[begin:].tolist()
+    assert sched.step_index == len(sched.timesteps)
 
 
 @pytest.mark.parametrize("ours, kw, theirs", PEERS, ids=[p[0].__name__ for p in PEERS])
@@ -418,7 +430,7 @@ def test_swap_scheduler_in_sd_pipeline(cls, sd_components):
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
     with UNetCalls(sd_components["unet"]) as calls:
         images = run_sd(pipe, num_inference_steps=3, guidance_scale=5.0)
-    assert np.isfinite(images).all() and calls.n == 3
+    assert np.isfinite(images).all() and calls.n == len(pipe.scheduler.timesteps) == 3 * cls.order - (cls.order - 1)
     pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(pipe.scheduler.config)
     assert type(pipe.scheduler) is DPMSolverPlusPlusScheduler
     assert np.isfinite(run_sd(pipe, num_inference_steps=3)).all()
@@ -474,5 +486,6 @@ def test_sd_pipeline_with_teleport(cls, sd_components, tmp_path):
     assert not torch.equal(latents, noise)
     with UNetCalls(sd_components["unet"]) as calls:
         images = run_sd(pipe, num_inference_steps=5, guidance_scale=3.0, latents=latents)
-    assert np.isfinite(images).all() and calls.n == 3
-    assert calls.timesteps == pipe.scheduler.timesteps.tolist() and len(pipe.scheduler.timesteps) == 3
+    assert pipe.scheduler.num_inference_steps == 3 and calls.n == len(pipe.scheduler.timesteps)
+    assert np.isfinite(images).all() and calls.n == 3 * cls.order - (cls.order - 1)
+    assert calls.timesteps == pipe.scheduler.timesteps.tolist()

@@ -40,7 +40,7 @@ def test_sample_custom_sigmas(latents):
 
 def test_unknown_scheduler_name(latents):
     with pytest.raises(ValueError, match="scheduler name must be one of"):
-        sample(smooth_model, latents, scheduler="heun")
+        sample(smooth_model, latents, scheduler="lms")
 
 
 def test_multistep_solvers_beat_ddim():
