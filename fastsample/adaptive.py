@@ -50,11 +50,11 @@ def check_adaptive(options) -> dict:
 
 
 def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: float, sigma_end: float,
-                   rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, max_steps: int = 10_000,
-                   callback=None) -> tuple[torch.Tensor, AdaptiveInfo]:
+                   rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                   max_steps: int = 10_000) -> tuple[torch.Tensor, AdaptiveInfo]:
     """Integrate from VE level ``sigma_start`` to ``sigma_end`` (> 0) on ``schedule``.  ``predict(x, grid, i)``
-    returns the model's prediction in ``solver.prediction``'s form at node i of ``grid``; ``callback(i, grid, x)``
-    runs after each call.  Returns (x at sigma_end, info)."""
+    returns the model's prediction in ``solver.prediction``'s form at node i of ``grid`` (a callback goes there).
+    Returns (x at sigma_end, info)."""
     check_adaptive({"rtol": rtol, "atol": atol, "h_init": h_init, "max_steps": max_steps})
     if solver.stochastic:
         raise ValueError(f"adaptive step size needs a deterministic solver, got {type(solver).__name__} with noise")
@@ -70,15 +70,12 @@ def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: floa
     state, h, err_prev = solver.init(_grid(schedule, lams)), h_init, None
     x_prev = x
     while lams[-1] < lam_end - 1e-12:
-        if info.accepted + info.rejected >= max_steps:
-            raise RuntimeError(f"adaptive solve did not reach sigma {sigma_end} in {max_steps} attempts "
-                               f"(reached {math.exp(-lams[-1]):.4g}): raise rtol/atol or max_steps")
-        here = _grid(schedule, lams)
-        pred = predict(x, here, len(lams) - 1)
+        pred = predict(x, _grid(schedule, lams), len(lams) - 1)
         info.nfe += 1
-        if callback is not None:
-            callback(len(lams) - 1, here, x)
         while True:
+            if info.accepted + info.rejected >= max_steps:
+                raise RuntimeError(f"adaptive solve did not reach sigma {sigma_end} in {max_steps} attempts "
+                                   f"(reached {math.exp(-lams[-1]):.4g}): raise rtol/atol or max_steps")
             nxt = min(lams[-1] + h, lam_end)
             grid = _grid(schedule, lams + [nxt])
             trial = replace(state, cache={})
@@ -98,9 +95,6 @@ def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: floa
                 break
             info.rejected += 1
             h = h_next
-            if info.accepted + info.rejected >= max_steps:
-                raise RuntimeError(f"adaptive solve did not reach sigma {sigma_end} in {max_steps} attempts: "
-                                   f"raise rtol/atol or max_steps")
         info.accepted += 1
         x_prev, x, state = x, x_high, new
         lams.append(nxt)

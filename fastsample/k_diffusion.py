@@ -71,20 +71,24 @@ def default_noise_sampler(x: torch.Tensor, sigmas, seed: int | None = None):
     return sample
 
 
+def _solver(name: str, model_type: str, lo: float, hi: float, options: dict):
+    """(scheduler, its solver) for registered ``name`` with ``options``, on the schedule of levels [lo, hi] in the
+    model type's own variables (DEIS integrates its coefficients in that schedule's time)."""
+    info, variant = lookup(name)
+    scheduler = info.make(**{**variant, **options})
+    scheduler.schedule = VE(lo, hi) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)
+    return scheduler, scheduler.make_solver()
+
+
 def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=None, disable=None,
            noise_sampler=None, s_noise: float = 1.0, scales=None, model_type: str = "ve", **options) -> torch.Tensor:
     """Integrate from ``x`` (noise at ``sigmas[0]``) along ``sigmas`` with the registered solver ``name``."""
-    info, variant = lookup(name)
-    scheduler = info.make(**{**variant, **options})
     sig = sigmas.tolist() if torch.is_tensor(sigmas) else list(sigmas)
     grid = grid_from_sigmas(sig, model_type)
     n = grid.num_steps
     positive = [v for v in sig if v > 0]
     lo, hi = min(positive), max(positive)
-    lo = lo if lo < hi else hi / 2  # one level (a single step into 0): any range that holds it
-    # the solver on the sigmas' own schedule (DEIS integrates its coefficients in the schedule's time)
-    scheduler.schedule = VE(lo, hi) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)
-    solver = scheduler.make_solver()
+    scheduler, solver = _solver(name, model_type, lo if lo < hi else hi / 2, hi, options)  # (one level: any range)
     if hasattr(scheduler, "compensation_for"):  # DC-Solver's ratios for this step count
         solver.compensation = scheduler.compensation_for(n)
     if scales is not None:
@@ -103,14 +107,14 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
         if callback is not None and node == i:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         xc, x0 = x.to(cdt), denoised.to(cdt)
-        if not torch.isfinite(x0).all():
+        if not math.isfinite(float(x0.sum(dtype=torch.float64))):
             raise ValueError(f"the model's denoised output contains NaN or Inf at step {i} (sigma {sig[node]})")
-        if scales is not None:
-            x0 = x0 * scales[i]
-        if grid.alpha[node] == 0.0 and solver.prediction == "eps":
-            x_next, state = step_from_pure_noise(grid, state, xc, x0)
+        if grid.alpha[node] == 0.0 and solver.prediction == "eps":  # scales on x0 there, as the schedulers do
+            x_next, state = step_from_pure_noise(grid, state, xc, x0 if scales is None else x0 * scales[i])
         else:
             pred = convert(x0, xc, "sample", grid.alpha[node], grid.sigma[node], solver.prediction)
+            if scales is not None:  # on the solver's prediction, as the schedulers apply learned_scales
+                pred = pred * scales[i]
             noise = None
             if solver.needs_noise(grid, i):
                 levels = (sigmas[i], sigmas[i + 1]) if torch.is_tensor(sigmas) else (sig[i], sig[i + 1])
@@ -120,11 +124,11 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     return x
 
 
-def _named(name: str, doc: str, **defaults):
+def _named(name: str, doc: str, function_name: str | None = None, **defaults):
     def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         return sample(name, model, x, sigmas, extra_args, callback, disable, **{**defaults, **options})
 
-    fn.__name__ = fn.__qualname__ = "sample_" + name.replace("-", "_").replace("+", "p")
+    fn.__name__ = fn.__qualname__ = function_name or "sample_" + name.replace("-", "_").replace("+", "p")
     fn.__doc__ = doc
     return fn
 
@@ -137,7 +141,7 @@ sample_dpmpp_2m_sde = _named("sde-dpm++2m", "k-diffusion's sample_dpmpp_2m_sde (
                              "solver_type 'midpoint' or 'heun').", lower_order_final=False)
 sample_dpmpp_3m_sde = _named("dpmsolver++", "k-diffusion's sample_dpmpp_3m_sde (eta, s_noise, noise_sampler): "
                              "DPM-Solver++(3M) SDE, its second step with phi_2 (solver_type 'heun').",
-                             solver_order=3, solver_type="heun", algorithm_type="sde-dpmsolver++",
+                             "sample_dpmpp_3m_sde", solver_order=3, solver_type="heun", algorithm_type="sde-dpmsolver++",
                              lower_order_final=False)
 
 
@@ -170,9 +174,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 sample_er_sde = _named("er-sde3", "ComfyUI's sample_er_sde (s_noise, noise_sampler): ER-SDE-Solver-3 with the "
-                       "default noise scale (solvers/er_sde.py).", lower_order_final=False)
-sample_dpmpp_3m_sde.__name__ = sample_dpmpp_3m_sde.__qualname__ = "sample_dpmpp_3m_sde"
-sample_er_sde.__name__ = sample_er_sde.__qualname__ = "sample_er_sde"
+                       "default noise scale (solvers/er_sde.py).", "sample_er_sde", lower_order_final=False)
 SAMPLERS = {fn.__name__: fn for fn in (sample_euler, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
                                        sample_er_sde, sample_heun)}
 for _name in all_names():
@@ -196,12 +198,10 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     if not 0 < lo < hi or (model_type == "const" and hi >= 1):
         raise ValueError(f"need 0 < sigma_min < sigma_max{' < 1' if model_type == 'const' else ''}, got "
                          f"sigma_min={lo}, sigma_max={hi}")
-    info_, variant = lookup(solver)
-    sch = info_.make(**{**variant, **options, **({"lower_order_final": False} if info_.takes("lower_order_final") else {})})
-    # VE sigmas of the levels: for CONST, sigma_ve = s / (1 - s)
-    to_ve = (lambda s: s) if model_type == "ve" else (lambda s: s / (1 - s))
-    sch.schedule = VE(to_ve(lo), to_ve(hi)) if model_type == "ve" else RectifiedFlow(t_min=lo, t_max=hi)
-    engine = sch.make_solver()
+    if lookup(solver)[0].takes("lower_order_final"):  # every adaptive step is a "last" step of its grid
+        options = {**options, "lower_order_final": False}
+    sch, engine = _solver(solver, model_type, lo, hi, options)
+    to_ve = (lambda s: s) if model_type == "ve" else (lambda s: s / (1 - s))  # CONST: sigma_ve = s / (1 - s)
     kw = {} if extra_args is None else extra_args
     ones = x.new_ones([x.shape[0]])
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -228,8 +228,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
 SAMPLERS[sample_dpm_adaptive.__name__] = sample_dpm_adaptive
 
 
-def learned_sigmas(schedule, model_type: str = "ve") -> torch.Tensor:
-    """A learned schedule's levels as k-diffusion sigmas (the last one its end point): VE sigmas for a VP model's
-    schedule, flow sigmas for a flow model's.  Its ``scales`` go to ``sample(..., scales=...)``."""
-    check_choice("model_type", model_type, MODEL_TYPES)
+def learned_sigmas(schedule) -> torch.Tensor:
+    """A learned schedule's levels as k-diffusion sigmas (the last one its end point): they are in its scheduler's
+    units already, VE sigmas for a VP model's schedule and flow sigmas for a flow model's.  Its ``scales`` go to
+    ``sample(..., scales=...)``."""
     return torch.tensor([float(v) for v in schedule.sigmas], dtype=torch.float64)

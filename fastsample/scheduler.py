@@ -565,12 +565,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         totals = {k: v.detach().sum(dtype=torch.float64) for k, v in tensors.items() if v is not None}
         if defer is None:
             defer = next(iter(totals.values())).device.type != "cpu"
+        total = sum(totals.values())  # NaN and Inf survive the sum: one conversion (or sync) for all of them
         if not defer:
-            bad = [k for k, v in totals.items() if not math.isfinite(float(v))]
-            if bad:
+            if not math.isfinite(float(total)):
+                bad = [k for k, v in totals.items() if not math.isfinite(float(v))]
                 raise ValueError(f"{' and '.join(bad)} contains NaN or Inf at step {i} (timestep {timestep!r})")
             return
-        total = sum(totals.values())
         bad = ~torch.isfinite(total)
         step = torch.full((), i, device=total.device)
         prev = self._bad_step if self._bad_step is not None else torch.full((), -1, device=total.device)

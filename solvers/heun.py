@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fastsample.expint import combine
 from fastsample.solver import Grid, Rule, Solver
 
 
@@ -49,8 +50,6 @@ class Heun(Solver):
         return Rule(1.0, (-c, c))
 
     def step(self, grid: Grid, state, x, pred, noise=None):
-        from fastsample.expint import combine
-
         i = state.index
         if i >= grid.num_steps:
             raise RuntimeError(f"step {i} is past the end of the {grid.num_steps}-step grid: call set_timesteps again")
