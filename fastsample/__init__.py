@@ -1,5 +1,5 @@
 """fastsample: fast ODE/SDE samplers for diffusion models, every solver a drop-in diffusers scheduler."""
-from .sampling import make_scheduler, sample
+from .sampling import invert, make_scheduler, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "make_scheduler"]
+__all__ = ["sample", "make_scheduler", "invert"]

@@ -89,8 +89,6 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     positive = [v for v in sig if v > 0]
     lo, hi = min(positive), max(positive)
     scheduler, solver = _solver(name, model_type, lo if lo < hi else hi / 2, hi, options)  # (one level: any range)
-    if hasattr(scheduler, "compensation_for"):  # DC-Solver's ratios for this step count
-        solver.compensation = scheduler.compensation_for(n)
     if scales is not None:
         scales = check_scales(scales, n, "scales")
     if not (isinstance(s_noise, (int, float)) and math.isfinite(s_noise) and s_noise >= 0):
@@ -99,7 +97,7 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     s_in = x.new_ones([x.shape[0]])
     if noise_sampler is None and solver.stochastic:
         noise_sampler = default_noise_sampler(x, sig, extra_args.get("seed"))
-    state = solver.init(grid)
+    state = solver.init(grid, scheduler.prediction_transforms(n))  # DualFast, DC-Solver's ratios for n steps
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     for node, i in tqdm(solver.calls(grid), disable=disable):  # one call a step, or Heun's two
         sigma = sigmas[node] if torch.is_tensor(sigmas) else torch.tensor(sig[node])

@@ -117,6 +117,15 @@ def make_scheduler(name: str, **config):
     return registered(name, **config)
 
 
+def invert(model, x0: torch.Tensor, scheduler, num_inference_steps: int, **model_kwargs):
+    """The latents that regenerate ``x0`` exactly with ``scheduler`` (a ``BDIAScheduler``): see
+    ``fastsample.solvers.bdia.invert``; regenerate with ``scheduler.load_inversion(inversion)`` and a run from
+    ``inversion.latents``."""
+    from .solvers.bdia import invert as bdia_invert
+
+    return bdia_invert(model, x0, scheduler, num_inference_steps, **model_kwargs)
+
+
 def integrate(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsilon", model_time=None,
               generator=None, threshold=None):
     """The scheduler-free loop over a ``Solver`` and a ``Grid``: returns the sample at the grid's last level.
@@ -126,14 +135,15 @@ def integrate(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsi
 
 
 def trajectory(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsilon", model_time=None,
-               generator=None, threshold=None, keep=None, **model_kwargs) -> list:
+               generator=None, threshold=None, keep=None, transforms=(), **model_kwargs) -> list:
     """As ``integrate``, returning the samples at the grid nodes listed in ``keep`` (every node if None; node 0 is
-    ``x`` itself).  ``model_kwargs`` (class labels, ...) go to every model call."""
+    ``x`` itself).  ``transforms``: the run's prediction transforms (``fastsample.transforms``, e.g. a scheduler's
+    ``prediction_transforms(n)``).  ``model_kwargs`` (class labels, ...) go to every model call."""
     from .parameterization import convert
 
     keep = set(range(grid.num_steps + 1) if keep is None else keep)
     out = [x] if 0 in keep else []
-    state = solver.init(grid)
+    state = solver.init(grid, transforms)
     for node, i in solver.calls(grid):  # one call a step, or a staged solver's several (Heun)
         t = grid.t[node] if model_time is None else model_time(node)
         pred = convert(model_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[node],

@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import check_prediction_type, convert, dynamic_threshold
+from .transforms import DualFast, dualfast_spec
 from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIMESTEP_SPACINGS, check_choice,
                         check_descending, check_flow_shift, check_num_steps, check_scales, discrete_timesteps,
                         flow_match_convert,
@@ -186,6 +187,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._tree = None
         self._threshold = self._make_threshold()
+        dualfast_spec(cfg.get("dualfast"))  # a bad dualfast fails here, not at the first set_timesteps
         self._teleport = self._load_teleport()
         self._teleport_from = None  # (alpha, sigma) the teleported steps started from, once set_timesteps skips any
 
@@ -237,6 +239,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
     def scales(self) -> list | None:
         """The current run's per-step prediction scales (a learned schedule's ``learned_scales``), or None."""
         return self._scales
+
+    def prediction_transforms(self, n: int) -> tuple:
+        """The transforms (``fastsample.transforms``) of an ``n``-step run, in order: the config's ``dualfast``
+        (a coefficient c, or a dict ``{"c", "reference", "schedule"}``); DC-Solver adds its compensation."""
+        spec = dualfast_spec(self.config.get("dualfast"))
+        return () if spec is None else (DualFast(prediction=self.solver.prediction, **spec),)
 
     def sigma_bounds(self) -> tuple[float, float]:
         """The VE sigma range the sigma spacings span: config ``sigma_min`` / ``sigma_max`` where set, else the
@@ -446,7 +454,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             return levels, None, final
         n = check_num_steps(n, Ttrain)
         if self.spacing in TIMESTEP_SPACINGS:
-            ts = discrete_timesteps(self.spacing, n, Ttrain, cfg.steps_offset, self._last_timestep())
+            ts = self._discrete_timesteps(n)
             return vp.sigma_ve(torch.tensor(ts, dtype=F64)).numpy(), ts, final
         sigma_min, sigma_max = self._sigma_bounds()  # the spacing ends at its own sigma_min
         levels = sigma_spacing(self.spacing, n, sigma_min, sigma_max, vp, include_min=final_zero)
@@ -520,11 +528,16 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         else:
             self._scales = None
         self._grid = grid
-        self._state = self.solver.init(grid)
+        self._state = self.solver.init(grid, self.prediction_transforms(grid.num_steps))
         self._step_index = None
         self._begin_index = None
         self._tree = None
         self._bad_step = None
+
+    def _discrete_timesteps(self, n: int) -> np.ndarray:
+        """The model timesteps of diffusers' integer spacings (``timestep_spacing``) for ``n`` steps."""
+        cfg = self.config
+        return discrete_timesteps(self.spacing, n, cfg.num_train_timesteps, cfg.steps_offset, self._last_timestep())
 
     def _last_timestep(self) -> int:
         return self.config.num_train_timesteps
@@ -635,7 +648,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             else:
                 raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal sample shape {tuple(sample.shape)}")
         self._check_finite(i, timestep, model_output=model_output, sample=sample, variance_noise=variance_noise)
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        cdt = self._compute_dtype(sample)
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
         node, k = self._calls[i]  # the call's grid node and the step it belongs to
@@ -657,6 +670,10 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = i + 1
         prev = x_next.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
+        """The dtype a step computes in: float64 for float64 samples, else float32."""
+        return torch.float64 if sample.dtype == torch.float64 else torch.float32
 
     def _step_from_pure_noise(self, g: Grid, state, x: torch.Tensor, out: torch.Tensor):
         """A noise-prediction solver's step from alpha = 0 (flow sigma 1, where FlowMatch grids start): there the

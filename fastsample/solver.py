@@ -16,6 +16,7 @@ import torch
 
 from .expint import combine
 from .schedules import F64, NoiseSchedule
+from .transforms import apply, check_transforms
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class State:
     orders: tuple = ()        # predictor order used at each past step
     last_x: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+    transforms: tuple = ()    # the run's prediction transforms (fastsample.transforms), in their declared order
+    memos: tuple = ()         # each transform's per-run memory
 
 
 class Solver:
@@ -79,10 +82,6 @@ class Solver:
     prediction = "x0"
     stochastic = False
     has_corrector = False
-    # an optional ``compensation(grid, i, history) -> history``, applied after the corrector and before the predictor
-    # (DC-Solver's dynamic compensation); the history it returns is what the solver keeps
-    compensation = None
-
     def __init__(self, order: int = 2):
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
             raise ValueError(f"solver_order must be 1, 2 or 3, got {order!r}")
@@ -108,8 +107,11 @@ class Solver:
         return self.has_corrector
 
     # --- generic machinery ---------------------------------------------------------------------
-    def init(self, grid: Grid) -> State:
-        return State()
+    def init(self, grid: Grid, transforms=()) -> State:
+        """A fresh state for a run on ``grid``, with the run's prediction transforms (``fastsample.transforms``:
+        DualFast, DC-Solver's compensation), applied by ``step`` in the order given."""
+        transforms = check_transforms(transforms)
+        return State(transforms=transforms, memos=tuple(t.start() for t in transforms))
 
     def _cached(self, state: State, key, fn):
         c = state.cache.get(key)
@@ -130,19 +132,18 @@ class Solver:
         i = state.index
         if i >= grid.num_steps:
             raise RuntimeError(f"step {i} is past the end of the {grid.num_steps}-step grid: call set_timesteps again")
-        hist = (pred,) + state.history
+        hist, memos = apply("prediction", state.transforms, state.memos, grid, i, x, (pred,) + state.history)
         if state.last_x is not None and state.orders and self.uses_corrector(grid, i):
             k = state.orders[-1]
             rule = self._cached(state, ("c", i, k), lambda: self.corrector_rule(grid, i, k))
             if rule is not None:
                 x = combine(rule.cx, state.last_x, rule.coefs, hist)
-        if self.compensation is not None:
-            hist = self.compensation(grid, i, hist)
+        hist, memos = apply("history", state.transforms, memos, grid, i, x, hist)
         k = self.step_order(grid, i, self.usable(grid, i, len(hist)))
         rule = self._cached(state, ("p", i, k), lambda: self.rule(grid, i, k))
         x_next = combine(rule.cx, x, rule.coefs, hist, rule.noise, noise)
         keep = self.solver_order + (1 if self.has_corrector else 0)
-        new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x)
+        new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x, memos=memos)
         return x_next, new
 
     def calls(self, grid: Grid) -> list[tuple[int, int]]:

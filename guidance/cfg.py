@@ -28,3 +28,40 @@ class ClassifierFreeGuidance:
         both = model_output(self.unet(torch.cat([x, x]), t, class_labels=torch.cat([null, labels]), **kwargs))
         uncond, cond = both.chunk(2)
         return uncond + self.scale * (cond - uncond)
+
+
+class PromptGuidance:
+    """A text-conditioned UNet with classifier-free guidance as ``model(x, t)``, computed as Stable Diffusion's
+    pipelines compute it: one call on ``cat([x, x])`` with ``cat([negative, prompt])`` embeddings, then
+    ``uncond + scale (cond - uncond)`` (``scale`` <= 1: one call on the prompt alone).  The same numbers as the
+    pipeline's, so an inversion made through it regenerates exactly in the pipeline."""
+
+    def __init__(self, unet, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None = None,
+                 scale: float = 1.0):
+        if not torch.isfinite(torch.tensor(float(scale))):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        if scale > 1.0 and negative_prompt_embeds is None:
+            raise ValueError(f"scale={scale} > 1 needs negative_prompt_embeds (the unconditional embeddings)")
+        self.unet, self.scale, self.cond, self.uncond = unet, float(scale), prompt_embeds, negative_prompt_embeds
+
+    @classmethod
+    def from_pipeline(cls, pipe, prompt: str, guidance_scale: float = 1.0, negative_prompt: str | None = None):
+        """The guided UNet of a Stable Diffusion pipeline ``pipe`` for ``prompt``, with its own text encoder."""
+        cond, uncond = pipe.encode_prompt(prompt, pipe.unet.device, 1, guidance_scale > 1.0, negative_prompt)
+        return cls(pipe.unet, cond, uncond, guidance_scale)
+
+    def _batch(self, embeds: torch.Tensor, n: int) -> torch.Tensor:  # one prompt for a batch, as the pipeline repeats it
+        if len(embeds) == n:
+            return embeds
+        if len(embeds) != 1:
+            raise ValueError(f"{len(embeds)} prompt embeddings for a batch of {n}: give one, or one per sample")
+        return embeds.expand(n, *embeds.shape[1:])
+
+    def __call__(self, x: torch.Tensor, t, **kwargs) -> torch.Tensor:
+        n = len(x)
+        if self.scale <= 1.0:
+            return model_output(self.unet(x, t, encoder_hidden_states=self._batch(self.cond, n), return_dict=False))
+        embeds = torch.cat([self._batch(self.uncond, n), self._batch(self.cond, n)])
+        out = model_output(self.unet(torch.cat([x] * 2), t, encoder_hidden_states=embeds, return_dict=False))
+        uncond, cond = out.chunk(2)
+        return uncond + self.scale * (cond - uncond)

@@ -1,4 +1,5 @@
 """fastsample's solvers, each a drop-in diffusers scheduler."""
+from .bdia import BDIA, BDIAScheduler, Inversion, invert
 from .dc_solver import CPR, DCSolverScheduler, DynamicCompensation, fit_dc_ratios
 from .deis import DEIS, DEISScheduler
 from .dpm_solver_pp import DPMSolverPlusPlus, DPMSolverPlusPlusScheduler
@@ -6,5 +7,5 @@ from .er_sde import ERSDE, ERSDEScheduler
 from .heun import Heun, HeunScheduler
 from .unipc import UniPC, UniPCScheduler
 
-__all__ = ["CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "ERSDE", "ERSDEScheduler", "Heun", "HeunScheduler",
-           "DynamicCompensation", "UniPC", "UniPCScheduler", "fit_dc_ratios"]
+__all__ = ["BDIA", "BDIAScheduler", "CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "ERSDE", "ERSDEScheduler", "Heun", "HeunScheduler",
+           "DynamicCompensation", "UniPC", "UniPCScheduler", "Inversion", "fit_dc_ratios", "invert"]

@@ -5,7 +5,8 @@ Dynamic compensation replaces it by the Lagrange interpolation of Q_i, Q_{i-1}, 
 shifted time t'_i = rho_i t_i + (1 - rho_i) t_{i-1}, before the predictor to t_{i+1}.  rho = 1 is the identity;
 steps 0 and 1 (fewer than three predictions) are never compensated.  One ratio per step is fitted greedily against
 a many-step teacher (``fit_dc_ratios``); cascade polynomial regression (``CPR``) predicts ratios for unseen
-NFE / guidance scales.  The compensation is a hook of the Solver base, so it plugs into DPM-Solver++ as well.
+NFE / guidance scales.  The compensation is a prediction transform (``fastsample.transforms``), so it plugs into DPM-Solver++ as well
+and stacks with DualFast.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from fastsample.solver import Grid
+from fastsample.transforms import Transform
 
 DC_ORDERS = (2,)
 BASE_SOLVERS = ("unipc", "dpmsolver++")
@@ -36,24 +38,31 @@ def lagrange_at(t_new, nodes):
     return weights
 
 
-class DynamicCompensation:
-    """The compensation hook: ``ratios[i]`` for step i (a float, or a tensor while fitting)."""
+class DynamicCompensation(Transform):
+    """The compensation, a "history" transform (``fastsample.transforms``): ``ratios[i]`` for step i (a float, or
+    a tensor while fitting)."""
+
+    stage = "history"
 
     def __init__(self, ratios, order: int = 2):
         if order not in DC_ORDERS:
             raise ValueError(f"dc_order must be one of {DC_ORDERS}, got {order!r}")
         self.ratios, self.order = list(ratios), order
 
-    def __call__(self, grid: Grid, i: int, hist: tuple) -> tuple:
+    @property
+    def identity(self) -> bool:
+        return all(not torch.is_tensor(r) and r == 1.0 for r in self.ratios)
+
+    def __call__(self, grid: Grid, i: int, x, hist: tuple, memo=None):
         if i < FIRST_COMPENSATED or len(hist) < self.order + 1:
-            return hist
+            return hist, memo
         rho = self.ratios[i]
         if not torch.is_tensor(rho) and rho == 1.0:
-            return hist
+            return hist, memo
         nodes = [grid.t[i - k] for k in range(self.order + 1)]
         t_new = rho * nodes[0] + (1 - rho) * nodes[1]
         q = sum(w * h for w, h in zip(lagrange_at(t_new, nodes), hist))
-        return (q,) + hist[1:]
+        return (q,) + hist[1:], memo
 
 
 # a ratio rho puts the compensated prediction at t_i + (rho - 1)(t_i - t_{i-1}): beyond 2 intervals either side of
@@ -143,8 +152,10 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     n = grid.num_steps
     with torch.no_grad():
         ref = reference if reference is not None else reference_states(model, noise, scheduler, per_step, **model_kwargs)
-    saved, ratios = solver.compensation, [1.0] * n
-    solver.compensation = comp = DynamicCompensation(ratios, cfg.get("dc_order", 2))
+    ratios = [1.0] * n
+    comp = DynamicCompensation(ratios, cfg.get("dc_order", 2))
+    # the scheduler's other transforms (DualFast), then the compensation being fitted
+    transforms = tuple(t for t in scheduler.prediction_transforms(n) if not isinstance(t, DynamicCompensation)) + (comp,)
 
     def predict(x, i):
         out = model_output(model(x, scheduler.model_time(grid)(i), **model_kwargs))
@@ -156,29 +167,26 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
             return x1
         return solver.step(grid, st, x1, predict(x1, i + 1))[1].last_x
 
-    try:
-        state, x = solver.init(grid), noise * scheduler.init_noise_sigma
-        for i in range(n):
-            with torch.no_grad():
-                pred = predict(x, i)
-            if i >= FIRST_COMPENSATED:
-                rho = torch.ones((), dtype=torch.float64, requires_grad=True)
-                opt = torch.optim.AdamW([rho], lr=lr)
-                best = (math.inf, 1.0)
-                for _ in range(iterations):
-                    comp.ratios[i] = rho
-                    loss = (reach(state, x, pred, i) - ref[i + 1]).square().mean()
-                    if loss.item() < best[0]:
-                        best = (loss.item(), rho.item())
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                ratios[i] = best[1]
-                comp.ratios[i] = best[1]
-            with torch.no_grad():
-                x, state = solver.step(grid, state, x, pred)
-    finally:
-        solver.compensation = saved
+    state, x = solver.init(grid, transforms), noise * scheduler.init_noise_sigma
+    for i in range(n):
+        with torch.no_grad():
+            pred = predict(x, i)
+        if i >= FIRST_COMPENSATED:
+            rho = torch.ones((), dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.AdamW([rho], lr=lr)
+            best = (math.inf, 1.0)
+            for _ in range(iterations):
+                comp.ratios[i] = rho
+                loss = (reach(state, x, pred, i) - ref[i + 1]).square().mean()
+                if loss.item() < best[0]:
+                    best = (loss.item(), rho.item())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            ratios[i] = best[1]
+            comp.ratios[i] = best[1]
+        with torch.no_grad():
+            x, state = solver.step(grid, state, x, pred)
     return check_ratios(ratios, n, f"the ratios fitted for {n} steps")
 
 
@@ -214,7 +222,8 @@ class DCSolverScheduler(FastScheduler):
                  dc_ratios: list | None = None, dc_order: int = 2, base_solver: str = "unipc", cpr=None,
                  cpr_guidance_scale: float = 1.0, teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None):
+                 learned_scales: list | None = None, learned_sigmas: list | None = None,
+                 dualfast: float | dict | None = None):
         if base_solver not in BASE_SOLVERS:
             raise ValueError(f"base_solver must be one of {BASE_SOLVERS}, got {base_solver!r}")
         if dc_order not in DC_ORDERS:
@@ -240,15 +249,13 @@ class DCSolverScheduler(FastScheduler):
             solver = DPMSolverPlusPlus(c.solver_order, lower_order_final=c.lower_order_final)
         return solver
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
-                      mu: float | None = None):
-        """``FastScheduler.set_timesteps``, then the compensation ratios for the new step count.  The signature is
-        spelled out: pipelines look for ``sigmas`` and ``timesteps`` in it before passing them."""
-        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas, mu=mu)
-        self.solver.compensation = self.compensation_for(self.num_inference_steps)
+    def prediction_transforms(self, n: int) -> tuple:
+        """The base transforms (DualFast), then the compensation for an ``n``-step run (none while every ratio is 1)."""
+        comp = self.compensation_for(n)
+        return super().prediction_transforms(n) + (() if comp.identity else (comp,))
 
     def compensation_for(self, n: int) -> DynamicCompensation:
-        """The compensation hook for an ``n``-step grid: the config's ratios, its CPR's prediction, or all 1."""
+        """The compensation transform for an ``n``-step grid: the config's ratios, its CPR's prediction, or all 1."""
         c = self.config
         if c.dc_ratios is not None:
             ratios = check_ratios(c.dc_ratios, n)

@@ -76,7 +76,8 @@ class DEISScheduler(FastScheduler):
                  rescale_betas_zero_snr: bool = False, spacing: str | None = None, deis_type: str | None = None,
                  teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None):
+                 learned_scales: list | None = None, learned_sigmas: list | None = None,
+                 dualfast: float | dict | None = None):
         if deis_type not in (None,) + DEIS_SOLVER_TYPES:
             raise ValueError(f"deis_type must be None or one of {DEIS_SOLVER_TYPES}, got {deis_type!r}")
         self._setup()

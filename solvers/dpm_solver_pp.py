@@ -141,7 +141,8 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
                  noise_type: str = "gaussian", spacing: str | None = None, third_order: str = "reference",
                  teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None):
+                 learned_scales: list | None = None, learned_sigmas: list | None = None,
+                 dualfast: float | dict | None = None):
         if variance_type not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type must be None, 'learned' or 'learned_range', got {variance_type!r}")
         self._setup()

@@ -120,7 +120,8 @@ class ERSDEScheduler(FastScheduler):
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, spacing: str | None = None,
                  teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None):
+                 learned_scales: list | None = None, learned_sigmas: list | None = None,
+                 dualfast: float | dict | None = None):
         self._setup()
 
     def make_solver(self) -> Solver:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from fastsample.expint import combine
 from fastsample.solver import Grid, Rule, Solver
+from fastsample.transforms import apply
 
 
 class Heun(Solver):
@@ -53,15 +54,17 @@ class Heun(Solver):
         i = state.index
         if i >= grid.num_steps:
             raise RuntimeError(f"step {i} is past the end of the {grid.num_steps}-step grid: call set_timesteps again")
-        if state.last_x is None:  # first stage, at node i
+        first = state.last_x is None  # the first stage, at node i, or the second, at node i + 1
+        (pred,), memos = apply("prediction", state.transforms, state.memos, grid, i if first else i + 1, x, (pred,))
+        if first:
             rule = self._cached(state, ("p", i), lambda: self.rule(grid, i, 1))
             x_next = combine(rule.cx, x, rule.coefs, (pred,))
             if not self._two_stages(grid, i):  # into clean data, or from pure noise: the Euler step is the step
-                return x_next, replace(state, index=i + 1, history=(), orders=(1,), last_x=None)
-            return x_next, replace(state, history=(pred,), last_x=x)
+                return x_next, replace(state, index=i + 1, history=(), orders=(1,), last_x=None, memos=memos)
+            return x_next, replace(state, history=(pred,), last_x=x, memos=memos)
         rule = self._cached(state, ("c", i), lambda: self.second_stage(grid, i))
         x_next = combine(rule.cx, x, rule.coefs, (pred,) + state.history)
-        return x_next, replace(state, index=i + 1, history=(), orders=(2,), last_x=None)
+        return x_next, replace(state, index=i + 1, history=(), orders=(2,), last_x=None, memos=memos)
 
 
 # ---------------------------------------------------------------------------- diffusers scheduler
@@ -87,7 +90,8 @@ class HeunScheduler(FastScheduler):
                  time_shift_type: str = "exponential", final_sigmas_type: str = "zero",
                  rescale_betas_zero_snr: bool = False, spacing: str | None = None, teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None):
+                 learned_scales: list | None = None, learned_sigmas: list | None = None,
+                 dualfast: float | dict | None = None):
         self._setup()
 
     def make_solver(self) -> Solver:

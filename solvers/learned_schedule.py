@@ -307,8 +307,9 @@ class _Program:
         from fastsample.solver import Grid
 
         solver = scheduler.solver
-        if solver.compensation is not None or solver.stochastic:
-            raise ValueError(f"method='gradient' needs a deterministic solver without compensation, got {type(solver).__name__}")
+        if scheduler.prediction_transforms(grid.num_steps) or solver.stochastic:
+            raise ValueError(f"method='gradient' needs a deterministic solver without prediction transforms (DualFast, "
+                             f"DC ratios), got {type(scheduler).__name__}")
         self.solver, self.schedule, self.Grid = solver, scheduler.schedule, Grid
         self.prediction_type = scheduler.config.prediction_type
         self.model_time = scheduler.model_time

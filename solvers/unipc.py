@@ -132,7 +132,8 @@ class UniPCScheduler(FastScheduler):
                  sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None,
                  teleport_stats: str | None = None, teleport_fraction: float = 0.0,
                  teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None):
+                 learned_scales: list | None = None, learned_sigmas: list | None = None,
+                 dualfast: float | dict | None = None):
         if shift_terminal is not None and not (use_flow_sigmas or spacing == "flow_match"):
             raise ValueError("shift_terminal is only supported on a flow schedule (use_flow_sigmas=True or "
                              "spacing='flow_match')")

@@ -62,7 +62,9 @@ def measured_order(problem, label, solver, order) -> float:
         x = integrate(gm, x_T.clone(), solver, grid, "epsilon")
         errs.append(float((x - exact).norm() / exact.norm()))
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
-    if label == "dpm++3m":  # the reference 3M weights: approaches 2 from above, judge the finest interval
+    # the reference 3M weights, and BDIA's leapfrog (gamma 1) after its DDIM first step: they approach their order
+    # from above, so judge the finest interval
+    if label in ("dpm++3m", "bdia1"):
         slope = math.log2(errs[-2] / errs[-1])
     assert abs(slope - order) < 0.3, (name, label, order, slope, errs)
     return slope
@@ -103,5 +105,7 @@ def test_flow_match_grid_from_pure_noise_converges():
             continue
         errs = [float((solve(info.scheduler, n, **v.options) - ref).norm() / ref.norm()) for n in (32, 64, 128)]
         assert all(math.isfinite(e) for e in errs) and errs[0] > errs[1] > errs[2], (name, errs)
-        # at least first order on every interval (about 2 for most: unipc1 1.64, dpm++2m 1.97 at the finest)
-        assert min(math.log2(a / b) for a, b in zip(errs, errs[1:])) > 0.9, (name, errs)
+        # at least first order (about 2 for most: unipc1 1.64, dpm++2m 1.97 at the finest); BDIA at gamma 0.5, first
+        # order, approaches 1 from below (0.85 then 0.92)
+        slopes = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+        assert slopes[-1] > 0.9 and min(slopes) > 0.8, (name, errs)

@@ -96,7 +96,9 @@ def test_config_round_trips_ratios_and_cpr(tmp_path, latents):
     loaded = DCSolverScheduler.from_pretrained(tmp_path / "b")
     assert loaded.config.cpr == cpr.to_dict() and json.loads((tmp_path / "cpr.json").read_text()) == cpr.to_dict()
     loaded.set_timesteps(7)
-    assert loaded.solver.compensation.ratios == pytest.approx(cpr.predict(7))
+    assert loaded.compensation_for(7).ratios == pytest.approx(cpr.predict(7))
+    (comp,) = loaded.prediction_transforms(7)
+    assert comp.ratios == pytest.approx(cpr.predict(7))
 
 
 @pytest.mark.parametrize("kw, match", [

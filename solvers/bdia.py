@@ -1,0 +1,274 @@
+"""BDIA-DDIM (bi-directional integration approximation, arXiv 2307.10829): an exactly invertible DDIM.
+
+With Phi(x_i -> j) = (sigma_j / sigma_i) x_i + (alpha_j - alpha_i sigma_j / sigma_i) D_i the DDIM step from node i
+to node j through the data prediction D_i = D(x_i), the update from node i (i >= 1) is
+    x_{i+1} = gamma (x_{i-1} - Phi(x_i -> i-1)) + Phi(x_i -> i+1):
+the forward DDIM step to the next level, plus gamma times the backward step's mismatch with the sample before (on
+the variance-preserving state, so VE and flow grids give the same samples: ``BDIA.memory``).
+gamma = 0 is DDIM; the first step (no sample before) is a DDIM step.  Each update is linear in (x_{i-1}, x_i, D_i), so
+x_{i-1} = (x_{i+1} - Phi(x_i -> i+1)) / gamma + Phi(x_i -> i-1) recovers the past exactly from the two newest samples
+(``invert``): one model call a step either way.  The authors' repository recommends gamma 0.5 at 10 steps and 1.0 at
+40 for sampling, and gamma in [0.92, 1] for editing.  Inverting divides by gamma at every step, so the inverted
+latents grow like gamma^-N along the sampler's unstable mode: for editing take gamma near 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from fastsample.expint import combine
+from fastsample.solver import Grid, Solver
+from fastsample.transforms import apply
+
+
+def _ddim(grid: Grid, i: int, j: int) -> tuple[float, float]:
+    """(c_x, c_D) of the DDIM step from node i to node j: Phi = c_x x_i + c_D D_i."""
+    r = grid.sigma[j] / grid.sigma[i]
+    return r, grid.alpha[j] - grid.alpha[i] * r
+
+
+def check_gamma(gamma) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and 0 <= gamma <= 1):
+        raise ValueError(f"gamma must be a number in [0, 1] (0: DDIM; > 0 to invert), got {gamma!r}")
+    return float(gamma)
+
+
+class BDIA(Solver):
+    name = "bdia"
+    prediction = "x0"
+
+    def __init__(self, gamma: float = 0.5):
+        super().__init__(1)
+        self.gamma = check_gamma(gamma)
+
+    @property
+    def order(self) -> int:
+        """1; gamma = 1 is the leapfrog (central) form, second order (measured in tests/test_convergence.py)."""
+        return 2 if self.gamma == 1.0 else 1
+
+    def memory(self, grid: Grid, i: int) -> float:
+        """gamma k_i, the weight of the backward step's mismatch in x_{i+1}.  The update is defined on the variance-
+        preserving state x / n (n = sqrt(alpha^2 + sigma^2), 1 on a VP grid), as the authors' DDIM is: the mismatch
+        of node i - 1 reaches node i + 1 scaled by k_i = n_{i+1} / n_{i-1}.  So a VE (k-diffusion) or flow grid gives
+        the same samples as the VP scheduler; DDIM's steps themselves do not depend on the parameterization."""
+        norm = [math.hypot(grid.alpha[j], grid.sigma[j]) for j in (i - 1, i + 1)]
+        return self.gamma * norm[1] / norm[0]
+
+    def coefficients(self, grid: Grid, i: int, first: bool) -> tuple[float, float, float]:
+        """(c_prev, c_x, c_D) of x_{i+1} = c_prev x_{i-1} + c_x x_i + c_D D_i."""
+        fx, fd = _ddim(grid, i, i + 1)
+        if first or self.gamma == 0.0:
+            return 0.0, fx, fd
+        bx, bd = _ddim(grid, i, i - 1)
+        g = self.memory(grid, i)
+        return g, fx - g * bx, fd - g * bd
+
+    def step(self, grid: Grid, state, x, pred, noise=None):
+        i = state.index
+        if i >= grid.num_steps:
+            raise RuntimeError(f"step {i} is past the end of the {grid.num_steps}-step grid: call set_timesteps again")
+        (pred,), memos = apply("prediction", state.transforms, state.memos, grid, i, x, (pred,))
+        first = state.last_x is None
+        cp, cx, cd = self._cached(state, ("b", i, first), lambda: self.coefficients(grid, i, first))
+        x_next = combine(cx, x, (cd,), (pred,))
+        if cp:
+            x_next = x_next.add_(state.last_x, alpha=cp)
+        return x_next, replace(state, index=i + 1, history=(pred,), orders=(1,), last_x=x, memos=memos)
+
+    def unstep(self, grid: Grid, i: int, x: torch.Tensor, x_next: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The sample at node i - 1 from those at nodes i and i + 1 and the data prediction at node i."""
+        if self.gamma == 0.0:
+            raise ValueError("gamma = 0 is DDIM, which is not exactly invertible: use gamma > 0")
+        fx, fd = _ddim(grid, i, i + 1)
+        bx, bd = _ddim(grid, i, i - 1)
+        g = self.memory(grid, i)
+        return x_next / g + (bx - fx / g) * x + (bd - fd / g) * pred
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """What regenerates an image exactly: the latents at the first grid node (``latents``, what a pipeline takes as
+    ``latents=``) and at the second (``next_latents``), on the grid of ``num_inference_steps`` steps."""
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    num_inference_steps: int
+    gamma: float
+
+
+# ---------------------------------------------------------------------------- diffusers scheduler
+from diffusers.configuration_utils import register_to_config  # noqa: E402
+
+from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
+
+
+class BDIAScheduler(FastScheduler):
+    """Drop-in for diffusers' ``DDIMScheduler`` (its config keys; ``eta`` stays 0: BDIA is deterministic) with
+    ``gamma`` (0 is DDIM); a FlowMatch config (``from_config``) or ``use_flow_sigmas`` gives it for flow models.
+    ``clip_sample`` defaults to False (DDIM's default is True): a config without the key (FlowMatch's, the
+    multistep schedulers') would otherwise clip latents to +-1 silently; configs that set it (SD's: false) keep it.  After ``load_inversion(fastsample.invert(...))`` the next run with that step count
+    regenerates the inverted image exactly: its first step returns the inversion's second latent (the model's output
+    there is not used), and every later step is the exact inverse of an inversion step."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = False,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False,
+                 gamma: float = 0.5, spacing: str | None = None, use_flow_sigmas: bool = False,
+                 flow_shift: float = 1.0, final_sigmas_type: str | None = None, teleport_stats: str | None = None,
+                 teleport_fraction: float = 0.0, teleport_sigma: float | None = None,
+                 learned_timesteps: list | None = None, learned_scales: list | None = None,
+                 learned_sigmas: list | None = None, dualfast: float | dict | None = None):
+        check_gamma(gamma)
+        if not (isinstance(clip_sample_range, (int, float)) and 0 < clip_sample_range < math.inf):
+            raise ValueError(f"clip_sample_range must be a positive finite number, got {clip_sample_range!r}")
+        # DDIM's final alpha: 1 (set_alpha_to_one) is the clean end ("zero"), else the trained range's smallest level
+        # ("sigma_min"); an explicit final_sigmas_type (the other schedulers' key) wins and sets set_alpha_to_one
+        if final_sigmas_type is None:
+            final_sigmas_type = "zero" if set_alpha_to_one else "sigma_min"
+        self.register_to_config(final_sigmas_type=final_sigmas_type, set_alpha_to_one=final_sigmas_type == "zero")
+        self._inversion = None
+        self._setup()
+
+    def make_solver(self) -> Solver:
+        return BDIA(self.config.gamma)
+
+    def _discrete_timesteps(self, n: int) -> np.ndarray:
+        """DDIMScheduler's spacings: "leading" is (0, 1, ..., n-1) T // n + steps_offset and "linspace" includes 0
+        (the multistep schedulers' spacings put n + 1 points and drop the last); "trailing" is the same."""
+        cfg, T = self.config, self.config.num_train_timesteps
+        if self.spacing == "leading":
+            offset = cfg.steps_offset
+            if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+                raise ValueError(f"steps_offset must be a non-negative integer, got {offset!r}")
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+        elif self.spacing == "linspace":
+            ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        else:
+            return super()._discrete_timesteps(n)
+        if ts[0] > T - 1:
+            raise ValueError(f"steps_offset={cfg.steps_offset} with timestep_spacing='leading' and {n} steps puts the "
+                             f"first timestep at {ts[0]}, beyond the last trained one ({T - 1}): steps_offset must be "
+                             f"at most {max(T - 1 - (n - 1) * (T // n), 0)}")
+        if ts[-1] == 0 and not cfg.set_alpha_to_one:
+            raise ValueError("set_alpha_to_one=False with a last timestep of 0 makes DDIM's last step the identity "
+                             "(from level 0 to level 0), which BDIA cannot take: use steps_offset=1 (as Stable "
+                             "Diffusion's configs do) or set_alpha_to_one=True")
+        return ts
+
+    def _make_threshold(self):
+        """DDIM's ``clip_sample`` (x0 clipped to +-clip_sample_range), or the dynamic thresholding: a function of the
+        sample at the node alone, so the update stays exactly invertible."""
+        cfg = self.config
+        if cfg.get("clip_sample", False) and not cfg.get("thresholding", False):
+            r = float(cfg.clip_sample_range)
+            return lambda x0: x0.clamp(-r, r)
+        return super()._make_threshold()
+
+    def _compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
+        """float64 wherever the device has it (not MPS): the last steps' backward DDIM coefficients (sigma_{i-1} /
+        sigma_i ~ 36 into t = 0 on a 10-step grid) cancel, and float32 arithmetic there costs the round trip an
+        order of magnitude (the testbed in float32, 10 steps: 1.6e-6 with float32 steps, 1.3e-7 with these)."""
+        return torch.float32 if sample.device.type == "mps" else torch.float64
+
+    def load_inversion(self, inversion: Inversion):
+        """Arm the next run of ``inversion.num_inference_steps`` steps (it survives ``set_timesteps``) to regenerate
+        the inverted image: its first sample must be ``inversion.latents``."""
+        if not isinstance(inversion, Inversion):
+            raise ValueError(f"load_inversion takes the Inversion that fastsample.invert returns, got {type(inversion).__name__}")
+        if self.prediction_transforms(inversion.num_inference_steps):
+            raise ValueError("dualfast mixes in a prediction from another sample, so a run with it is not the exact "
+                             "inverse of the inversion: regenerate without dualfast")
+        if inversion.gamma != self.config.gamma:
+            raise ValueError(f"the inversion was made with gamma={inversion.gamma}, this scheduler has "
+                             f"gamma={self.config.gamma}: regenerate with the same gamma")
+        self._inversion = inversion
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
+        inv = self._inversion
+        if inv is None or self._step_index not in (None, 0):
+            return super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
+        if self.num_inference_steps != inv.num_inference_steps:
+            raise ValueError(f"the loaded inversion has {inv.num_inference_steps} steps, this run "
+                             f"{self.num_inference_steps}: set_timesteps({inv.num_inference_steps})")
+        if sample.shape != inv.latents.shape or not torch.allclose(sample.to(inv.latents), inv.latents.to(sample.device),
+                                                                     rtol=1e-6, atol=1e-6):
+            raise ValueError("the first sample of this run is not the loaded inversion's latents: pass "
+                             "latents=inversion.latents")
+        self._inversion = None
+        super().step(model_output, timestep, sample, generator, return_dict, **kwargs)  # the state at node 1
+        prev = inv.next_latents.to(device=sample.device, dtype=sample.dtype)
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_steps: int, progress: bool = False,
+           **model_kwargs) -> Inversion:
+    """The BDIA inversion of ``x0`` (a clean sample, or latents for a latent model) on ``scheduler``'s grid of
+    ``num_inference_steps`` steps: N model calls ``model(x, t, **model_kwargs)`` (with the same kwargs and guidance
+    as the regeneration will use).  The first inverse step, from x0 to the last noisy level, is DDIM's (its choice
+    does not affect exactness); every other one is the exact inverse of a BDIA step.  Regenerate with
+    ``scheduler.load_inversion(inv)`` and a run from ``inv.latents``."""
+    from tqdm.auto import tqdm
+
+    from fastsample.parameterization import convert
+    from fastsample.sampling import model_output
+
+    if not isinstance(scheduler, BDIAScheduler):
+        raise ValueError(f"invert needs a BDIAScheduler (exact inversion), got {type(scheduler).__name__}")
+    if scheduler.config.gamma == 0:
+        raise ValueError("gamma = 0 is DDIM, which is not exactly invertible: use a BDIAScheduler with gamma > 0")
+    scheduler.set_timesteps(num_inference_steps, device=x0.device)
+    grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
+    if scheduler.teleport_origin is not None or scheduler.scales is not None or scheduler.prediction_transforms(1):
+        raise ValueError("invert takes a scheduler without teleportation, learned scales or dualfast (each step must "
+                         "depend on its own sample alone)")
+    n = grid.num_steps
+    if n < 2:
+        raise ValueError(f"num_inference_steps must be >= 2 to invert (two latents regenerate), got {num_inference_steps}")
+    cdt = scheduler._compute_dtype(x0)
+    ts = scheduler.timesteps
+
+    def predict(x, i):  # the data prediction at node i, as the scheduler's step converts it
+        out = model_output(model(x.to(x0.dtype), ts[i], **model_kwargs)).to(cdt)
+        return convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], "x0", scheduler.threshold)
+
+    x_end = x0.to(cdt)
+    if grid.sigma[n] > 0:  # DDIM's backward step from the end level
+        cx, cd = _ddim(grid, n, n - 1)
+        x_prev = cx * x_end + cd * _x0_at_end(model, x_end, scheduler, model_kwargs, x0.dtype, cdt)
+    else:  # from clean data: x_{N-1} = alpha x0 + sigma eps(x0 at the last noisy level)
+        eps = convert(model_output(model(x_end.to(x0.dtype), ts[n - 1], **model_kwargs)).to(cdt), x_end,
+                      cfg.prediction_type, grid.alpha[n - 1], grid.sigma[n - 1], "eps")
+        x_prev = grid.alpha[n - 1] * x_end + grid.sigma[n - 1] * eps
+    later, x = x_end, x_prev  # the samples at nodes i + 1 and i
+    # every sample is rounded to x0's dtype, as a run stores its samples between steps
+    later, x = later.to(x0.dtype).to(cdt), x.to(x0.dtype).to(cdt)
+    for i in tqdm(range(n - 1, 0, -1), disable=not progress, leave=False):
+        earlier = solver.unstep(grid, i, x, later, predict(x, i)).to(x0.dtype).to(cdt)
+        later, x = x, earlier
+    return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma)
+
+
+def _x0_at_end(model, x, scheduler, model_kwargs, dtype, cdt):
+    """The data prediction at the end level (sigma_min > 0), the model called at the end level's time."""
+    from fastsample.parameterization import convert
+    from fastsample.sampling import model_output
+
+    g = scheduler.grid
+    t = scheduler.model_time(g)(g.num_steps)
+    out = model_output(model(x.to(dtype), torch.tensor(t), **model_kwargs)).to(cdt)
+    return convert(out, x, scheduler.config.prediction_type, g.alpha[-1], g.sigma[-1], "x0", scheduler.threshold)
+
+
+from fastsample.registry import Variant, register  # noqa: E402
+
+register("bdia", BDIAScheduler, diffusers_peer="DDIMScheduler", peer_options={"gamma": 0.0},
+         variants=[Variant("bdia05", {"gamma": 0.5}, 1),
+                   # gamma = 1: x_{i+1} - x_{i-1} = Phi(x_i -> i+1) - Phi(x_i -> i-1), a central (leapfrog) step
+                   Variant("bdia1", {"gamma": 1.0}, 2)])

@@ -1,0 +1,160 @@
+"""BDIA: gamma 0 is diffusers' DDIM; the update and its inverse are exact; invert + regenerate round-trips x0 (float64
+1e-10, float32 1e-5), in fastsample.sample and in a Stable Diffusion pipeline; bad input is named."""
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import fastsample
+from fastsample.guidance.cfg import PromptGuidance
+from fastsample.schedules import DiscreteVP, make_betas
+from fastsample.solvers import BDIAScheduler
+from fastsample.solvers.bdia import BDIA, Inversion
+from fastsample.testbeds import GaussianMixture
+from fastsample.zoo import SCHEDULER_CONFIG
+from test_pipelines import PROMPT, SD_BETAS, SIZE, sd_components, sd_pipe  # noqa: F401  (a fixture)
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return GaussianMixture.image_like(64, seed=0, mean_scale=0.5, schedule=DiscreteVP(make_betas()))
+
+
+@pytest.fixture(scope="module")
+def v_mixture():
+    return GaussianMixture.image_like(64, seed=0, mean_scale=0.5, schedule=DiscreteVP(make_betas()),
+                                      prediction_type="v_prediction")
+
+
+def noise(n=16, dtype=F64, seed=3):
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(set_alpha_to_one=False, steps_offset=1),
+                                    dict(prediction_type="v_prediction")])
+@pytest.mark.parametrize("n", [7, 10, 25])
+def test_gamma_zero_is_diffusers_ddim(mixture, v_mixture, config, n):
+    """With DDIM's default "leading" spacing (each step lands on the next timestep).  With "linspace" or "trailing"
+    diffusers' DDIM steps to t - T // n and then calls the model at the next listed timestep, a level mismatch that
+    BDIA does not copy: it steps to the next listed level (docs/differences.md)."""
+    model = v_mixture if config.get("prediction_type") == "v_prediction" else mixture
+    x = noise(dtype=torch.float32)
+    ours = fastsample.sample(model, x, BDIAScheduler(**SCHEDULER_CONFIG | config, gamma=0.0), n, progress=False)[0]
+    theirs = fastsample.sample(model, x, DDIMScheduler(**SCHEDULER_CONFIG | config, clip_sample=False), n,
+                               progress=False)[0]
+    assert float((ours - theirs).abs().max()) < 2e-5
+
+
+def test_step_and_unstep_are_exact_inverses():
+    sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=0.7)
+    sch.set_timesteps(12)
+    g, solver = sch.grid, BDIA(0.7)
+    gen = torch.Generator().manual_seed(0)
+    x_prev, x, d = (torch.randn(4, 9, generator=gen, dtype=F64) for _ in range(3))
+    state = solver.init(g)
+    state = type(state)(index=5, last_x=x_prev)
+    x_next, _ = solver.step(g, state, x.clone(), d)
+    cp, cx, cd = solver.coefficients(g, 5, first=False)
+    assert torch.allclose(x_next, cp * x_prev + cx * x + cd * d, rtol=0, atol=1e-14)
+    assert torch.allclose(solver.unstep(g, 5, x, x_next, d), x_prev, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.95])
+@pytest.mark.parametrize("n", [10, 20, 50])
+def test_round_trip_float64_and_float32(mixture, gamma, n):
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-5)):
+        sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=gamma)
+        x0 = mixture.sample_data(8, torch.Generator().manual_seed(1)).to(dtype)
+        inv = fastsample.invert(mixture, x0, sch, n)
+        assert isinstance(inv, Inversion) and inv.latents.dtype == dtype and inv.num_inference_steps == n
+        sch.load_inversion(inv)
+        back, nfe = fastsample.sample(mixture, inv.latents, sch, n, progress=False)
+        assert nfe == n and float((back - x0).norm() / x0.norm()) < tol, (dtype, gamma, n)
+        # the load is consumed: a second run is a plain BDIA sample (its first step a DDIM step)
+        again = fastsample.sample(mixture, inv.latents, sch, n, progress=False)[0]
+        assert float((again - x0).norm() / x0.norm()) > 10 * tol
+
+
+def test_ddim_inversion_is_not_exact_where_bdia_is(mixture):
+    """The anchor: diffusers' DDIMInverseScheduler + DDIMScheduler round trip at 10 steps errs by far more."""
+    from diffusers import DDIMInverseScheduler
+
+    x0 = mixture.sample_data(8, torch.Generator().manual_seed(1))
+    inv_s = DDIMInverseScheduler(**SCHEDULER_CONFIG, clip_sample=False)
+    z = fastsample.sample(mixture, x0, inv_s, 10, progress=False)[0]
+    back = fastsample.sample(mixture, z, DDIMScheduler(**SCHEDULER_CONFIG, clip_sample=False), 10, progress=False)[0]
+    ddim_err = float((back - x0).norm() / x0.norm())
+    sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=1.0)
+    inv = fastsample.invert(mixture, x0, sch, 10)
+    sch.load_inversion(inv)
+    bdia_err = float((fastsample.sample(mixture, inv.latents, sch, 10, progress=False)[0] - x0).norm() / x0.norm())
+    assert bdia_err < 1e-12 and ddim_err > 1e-3
+
+
+def test_flow_model_round_trip():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fastsample.schedules import RectifiedFlow
+
+    gm = GaussianMixture.random(dim=4, components=3, seed=1, schedule=RectifiedFlow(t_min=0.0),
+                                prediction_type="flow_prediction", time_scale=1000.0)
+    sch = BDIAScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, gamma=1.0)
+    x0 = gm.sample_data(6, torch.Generator().manual_seed(2))
+    inv = fastsample.invert(gm, x0, sch, 12)
+    sch.load_inversion(inv)
+    back = fastsample.sample(gm, inv.latents, sch, 12, progress=False)[0]
+    assert float((back - x0).norm() / x0.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_stable_diffusion_pipeline_round_trip_and_edit(sd_components, guidance_scale):  # noqa: F811
+    """Invert latents with prompt A through the pipeline's own guided UNet, regenerate in the pipeline: the latents
+    come back to 1e-5 (float32).  With prompt B (the edit) the pipeline runs from the same inversion."""
+    sch = BDIAScheduler(**SD_BETAS, steps_offset=1, set_alpha_to_one=False, gamma=1.0)
+    pipe = sd_pipe(sd_components, sch)
+    x0 = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0)) * 0.8
+    model = PromptGuidance.from_pipeline(pipe, PROMPT, guidance_scale)
+    with torch.no_grad():
+        inv = fastsample.invert(model, x0, pipe.scheduler, 10)
+        pipe.scheduler.load_inversion(inv)
+        back = pipe(PROMPT, latents=inv.latents, num_inference_steps=10, guidance_scale=guidance_scale,
+                    height=SIZE, width=SIZE, output_type="latent").images
+        assert float((back - x0).norm() / x0.norm()) < 1e-5
+        pipe.scheduler.load_inversion(inv)
+        edit = pipe("a dog", latents=inv.latents, num_inference_steps=10, guidance_scale=guidance_scale,
+                    height=SIZE, width=SIZE, output_type="latent").images
+    assert torch.isfinite(edit).all() and float((edit - x0).norm() / x0.norm()) > 1e-4
+
+
+@pytest.mark.parametrize("build, call, match", [
+    (lambda: BDIAScheduler(gamma=1.5), None, r"gamma must be a number in \[0, 1\]"),
+    (lambda: BDIAScheduler(gamma=math.nan), None, "gamma must be"),
+    (lambda: BDIAScheduler(clip_sample=True, clip_sample_range=0.0), None, "clip_sample_range must be"),
+    (lambda: BDIAScheduler(gamma=0.0), lambda s, m, x: fastsample.invert(m, x, s, 10), "not exactly invertible"),
+    (lambda: DDIMScheduler(), lambda s, m, x: fastsample.invert(m, x, s, 10), "invert needs a BDIAScheduler"),
+    (lambda: BDIAScheduler(), lambda s, m, x: fastsample.invert(m, x, s, 1), "must be >= 2 to invert"),
+    (lambda: BDIAScheduler(dualfast=0.3), lambda s, m, x: fastsample.invert(m, x, s, 10), "without .*dualfast"),
+    (lambda: BDIAScheduler(), lambda s, m, x: s.load_inversion(x), "takes the Inversion"),
+    (lambda: BDIAScheduler(set_alpha_to_one=False), lambda s, m, x: s.set_timesteps(10), "steps_offset=1"),
+])
+def test_bad_input_is_named(mixture, build, call, match):
+    with pytest.raises(ValueError, match=match):
+        s = build()
+        call(s, mixture, noise(2))
+
+
+def test_loaded_inversion_must_match_the_run(mixture):
+    sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=1.0)
+    x0 = mixture.sample_data(2, torch.Generator().manual_seed(1))
+    inv = fastsample.invert(mixture, x0, sch, 8)
+    sch.load_inversion(inv)
+    with pytest.raises(ValueError, match="has 8 steps, this run 9"):
+        fastsample.sample(mixture, inv.latents, sch, 9, progress=False)
+    sch.load_inversion(inv)
+    with pytest.raises(ValueError, match="not the loaded inversion's latents"):
+        fastsample.sample(mixture, inv.latents + 1, sch, 8, progress=False)
+    with pytest.raises(ValueError, match="made with gamma=1.0"):
+        BDIAScheduler(**SCHEDULER_CONFIG, gamma=0.5).load_inversion(inv)
