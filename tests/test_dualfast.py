@@ -145,22 +145,3 @@ def test_bad_values_are_named(value, match):
     with pytest.raises(ValueError, match=match):
         make_scheduler("unipc3", dualfast=value)
 
-
-@pytest.mark.parametrize("name", ["unipc3", "dpm++2m", "deis-logrho3", "bdia1"])  # (tAB-DEIS integrates in the schedule's time)
-def test_k_diffusion_functions_equal_the_schedulers_with_it(name):
-    """The mix is in the noise prediction at the current sample, which a VE (k-diffusion) run shares with the VP
-    scheduler's: the same samples on the same grid."""
-    from fastsample import k_diffusion as F
-
-    gm = GaussianMixture.random(dim=16, components=3, seed=2, spread=1.5, schedule=DiscreteVP(make_betas()))
-    sch = make_scheduler(name, final_sigmas_type="zero", dualfast=0.5)
-    sch.set_timesteps(9)
-    g = sch.grid
-    sigmas = torch.tensor([s / a for a, s in zip(g.alpha, g.sigma)], dtype=F64)
-    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
-    y = z.clone()
-    for t in sch.timesteps:
-        y = sch.step(gm(y, t), t, y).prev_sample
-    ours = F.sample(name, lambda x, s: gm.denoise(x, float(s.reshape(-1)[0])), z / g.alpha[0], sigmas, disable=True,
-                    final_sigmas_type="zero", dualfast=0.5)
-    assert float((ours - y).norm() / y.norm()) < 1e-9

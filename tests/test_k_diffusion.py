@@ -123,12 +123,14 @@ def test_heun_with_churn_equals_k_diffusion(K, gm):
 DETERMINISTIC = [name for name, (info, v) in variants().items() if v.order is not None and "tab" not in name]
 
 
+@pytest.mark.parametrize("extra", [{}, {"dualfast": 0.5}], ids=["plain", "dualfast"])
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_every_solver_equals_its_scheduler_on_the_same_grid(gm, name):
+def test_every_solver_equals_its_scheduler_on_the_same_grid(gm, name, extra):
     """The k-diffusion function of a registered solver, with a VE denoiser, equals the solver's scheduler (VP
     parameterization, the same model) on the scheduler's own grid: the exponential integrators do not depend on
-    the parameterization."""
-    sch = make_scheduler(name, final_sigmas_type="zero", beta_start=0.0001, beta_end=0.02)  # the testbed's betas
+    the parameterization.  With DualFast too: its mix is in the noise prediction at the current sample, which both
+    share."""
+    sch = make_scheduler(name, final_sigmas_type="zero", beta_start=0.0001, beta_end=0.02, **extra)  # testbed betas
     sch.set_timesteps(9)
     g = sch.grid
     sigmas = torch.tensor([s / a for a, s in zip(g.alpha, g.sigma)], dtype=F64)
@@ -136,7 +138,7 @@ def test_every_solver_equals_its_scheduler_on_the_same_grid(gm, name):
     y = z.clone()
     for t in sch.timesteps:
         y = sch.step(gm(y, t), t, y).prev_sample
-    ours = F.sample(name, denoiser_of(gm), z / g.alpha[0], sigmas, disable=True, final_sigmas_type="zero")
+    ours = F.sample(name, denoiser_of(gm), z / g.alpha[0], sigmas, disable=True, final_sigmas_type="zero", **extra)
     assert rel(ours, y) < 1e-9, name
 
 
