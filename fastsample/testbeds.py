@@ -301,3 +301,107 @@ class ConditionalPair:
 
     def __call__(self, x: torch.Tensor, t, cond: bool = True, **kwargs) -> torch.Tensor:
         return (self.cond_model if cond else self.uncond_model)(x, t, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- discrete
+CORRUPTIONS = ("mask", "uniform")
+
+
+class CategoricalMixture:
+    """Discrete data x0 in {0..V-1}^L from a mixture of product-categorical distributions,
+    p(x0) = sum_k w_k prod_l P_k[l, x0_l], with everything a discrete-diffusion sampler needs in closed form.
+
+    Corruption at keep level ``alpha`` in [0, 1] acts on each position independently:
+    - "mask" (absorbing): x_l = x0_l with probability alpha, else the mask token ``V`` (``mask_id``);
+    - "uniform": x_l = x0_l with probability alpha, else a value drawn uniformly from the V values.
+    Given a corrupted x, the component posterior is r_k ∝ w_k prod_l sum_v P_k[l, v] q(x_l | v), and the exact
+    posterior marginal of x0_l is sum_k r_k P_k[l, v] q(x_l | v) / sum_v' P_k[l, v'] q(x_l | v') (``posterior``):
+    the exact denoiser.  ``log_prob`` is the exact log-likelihood of clean data."""
+
+    def __init__(self, probs: torch.Tensor, weights: torch.Tensor | None = None):
+        probs = torch.as_tensor(probs, dtype=F64)
+        if probs.ndim != 3 or probs.shape[1] < 1 or probs.shape[2] < 2:
+            raise ValueError(f"probs must be K x L x V with V >= 2, got shape {tuple(probs.shape)}")
+        if not torch.isfinite(probs).all() or (probs < 0).any() or not torch.allclose(probs.sum(-1), torch.ones(()).to(probs)):
+            raise ValueError("probs must be finite, non-negative and sum to 1 over the values")
+        k = probs.shape[0]
+        weights = torch.full((k,), 1.0 / k, dtype=F64) if weights is None else torch.as_tensor(weights, dtype=F64)
+        if weights.shape != (k,) or (weights < 0).any() or not math.isclose(float(weights.sum()), 1.0, rel_tol=1e-9):
+            raise ValueError(f"weights must be {k} non-negative numbers that sum to 1, got {weights.tolist()}")
+        self.probs, self.weights = probs, weights
+        self.num_components, self.length, self.vocab_size = probs.shape
+        self.mask_id = self.vocab_size
+
+    @classmethod
+    def random(cls, length: int = 8, vocab_size: int = 4, components: int = 3, concentration: float = 0.5,
+               seed: int = 0) -> "CategoricalMixture":
+        """Components with Dirichlet(``concentration``) rows: small concentrations give peaked, distinct components."""
+        rng = np.random.default_rng(seed)
+        probs = torch.from_numpy(rng.dirichlet(np.full(vocab_size, concentration), size=(components, length))) + 1e-6
+        weights = torch.from_numpy(rng.dirichlet(np.full(components, 2.0)))
+        return cls(probs / probs.sum(-1, keepdim=True), weights)
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        rows = self.probs[comp].reshape(n * self.length, self.vocab_size)
+        return torch.multinomial(rows, 1, generator=generator).reshape(n, self.length)
+
+    def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
+        """log p(x0) for clean tokens (N x L, values in 0..V-1)."""
+        x0 = self._check(x0, allow_mask=False)
+        logp = torch.log(self.probs).unsqueeze(0)                                    # 1 x K x L x V
+        picked = logp.expand(len(x0), -1, -1, -1).gather(3, x0[:, None, :, None].expand(-1, self.num_components, -1, 1))
+        return torch.logsumexp(torch.log(self.weights) + picked.squeeze(-1).sum(-1), dim=1)
+
+    def corrupt(self, x0: torch.Tensor, alpha: float, corruption: str = "mask",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        x0 = self._check(x0, allow_mask=False)
+        alpha = _check_alpha(alpha)
+        keep = torch.rand(x0.shape, generator=generator, dtype=F64) < alpha
+        if _check_corruption(corruption) == "mask":
+            other = torch.full_like(x0, self.mask_id)
+        else:
+            other = torch.randint(0, self.vocab_size, x0.shape, generator=generator)
+        return torch.where(keep, x0, other)
+
+    def likelihood(self, x: torch.Tensor, alpha: float, corruption: str = "mask") -> torch.Tensor:
+        """q(x_l | x0_l = v) as N x L x V."""
+        alpha, V = _check_alpha(alpha), self.vocab_size
+        x = self._check(x, allow_mask=_check_corruption(corruption) == "mask")
+        hit = torch.nn.functional.one_hot(x.clamp_max(V - 1), V).to(F64)
+        if corruption == "mask":
+            masked = (x == self.mask_id).unsqueeze(-1)
+            return torch.where(masked, torch.full_like(hit, 1 - alpha), alpha * hit)
+        return alpha * hit + (1 - alpha) / V
+
+    def posterior(self, x: torch.Tensor, alpha: float, corruption: str = "mask") -> torch.Tensor:
+        """The exact p(x0_l = v | x) for every position, N x L x V."""
+        q = self.likelihood(x, alpha, corruption).unsqueeze(1)                         # N x 1 x L x V
+        joint = self.probs.unsqueeze(0) * q                                              # N x K x L x V
+        per_pos = joint.sum(-1)                                                          # N x K x L
+        log_r = torch.log(self.weights) + torch.log(per_pos).sum(-1)                     # N x K
+        r = torch.softmax(log_r, dim=1)
+        return (r[:, :, None, None] * joint / per_pos.unsqueeze(-1)).sum(1)
+
+    def _check(self, x: torch.Tensor, allow_mask: bool) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        top = self.vocab_size + (1 if allow_mask else 0)
+        if x.ndim != 2 or x.shape[1] != self.length:
+            raise ValueError(f"tokens must be N x {self.length}, got shape {tuple(x.shape)}")
+        if x.dtype.is_floating_point or (x < 0).any() or (x >= top).any():
+            raise ValueError(f"tokens must be integers in [0, {top - 1}] (vocabulary size {self.vocab_size}"
+                             f"{', plus the mask ' + str(self.mask_id) if allow_mask else ''}), got values in "
+                             f"[{int(x.min())}, {int(x.max())}]")
+        return x.long()
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (the keep probability) must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def _check_corruption(corruption: str) -> str:
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+    return corruption
