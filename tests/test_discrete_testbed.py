@@ -69,3 +69,33 @@ def test_samples_follow_the_mixture(tiny):
 def test_bad_input_is_named(tiny, call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny)
+
+
+# ---------------------------------------------------------------------------------------------- the plain sampler
+from fastsample.discrete import empirical_kl, keep_levels, masked_sample  # noqa: E402
+
+
+def test_plain_sampler_converges_to_the_data_distribution():
+    """KL from the truth to the sampler's empirical distribution falls with the steps, to the floor of exact
+    samples' own empirical KL; one token at a time (steps >> L) samples the joint exactly."""
+    m = CategoricalMixture.random(length=4, vocab_size=3, components=3, concentration=0.3, seed=0)
+    den = lambda x, a: m.posterior(x, a, "mask")  # noqa: E731
+    n = 60000
+    floor = empirical_kl(m, m.sample_data(n, torch.Generator().manual_seed(9)))
+    kl = {s: empirical_kl(m, masked_sample(den, n, 4, 3, s, generator=torch.Generator().manual_seed(1)))
+          for s in (1, 2, 4, 64)}
+    assert kl[1] > kl[2] > kl[4] > kl[64] and kl[64] < 2 * floor + 1e-3 and kl[1] > 10 * floor, (kl, floor)
+
+
+def test_unit_temperatures_are_the_plain_sampler_and_bad_input_is_named():
+    m = CategoricalMixture.random(length=4, vocab_size=3, components=2, seed=1)
+    den = lambda x, a: m.posterior(x, a, "mask")  # noqa: E731
+    a = masked_sample(den, 50, 4, 3, 4, generator=torch.Generator().manual_seed(0))
+    b = masked_sample(den, 50, 4, 3, 4, temperatures=[1.0] * 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and (a < 3).all()
+    assert keep_levels(4).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for kw, match in ((dict(steps=0), "steps must be an integer >= 1"),
+                      (dict(steps=4, temperatures=[1.0, math.inf, 1.0, 1.0]), "temperatures must be 4 finite"),
+                      (dict(steps=4, vocab_size=5), r"vocabulary size 3, plus the mask 3\), got values in \[5, 5\]")):  # the testbed names it
+        with pytest.raises(ValueError, match=match):
+            masked_sample(den, 5, 4, kw.pop("vocab_size", 3), **kw)
