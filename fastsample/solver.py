@@ -82,6 +82,7 @@ class Solver:
     prediction = "x0"
     stochastic = False
     has_corrector = False
+
     def __init__(self, order: int = 2):
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
             raise ValueError(f"solver_order must be 1, 2 or 3, got {order!r}")

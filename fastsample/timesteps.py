@@ -47,6 +47,12 @@ def loglinear_interp(values, n: int) -> np.ndarray:
     return np.exp(np.interp(np.linspace(0.0, 1.0, n), xs, np.log(v)))
 
 
+def check_steps_offset(steps_offset) -> int:
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+    return int(steps_offset)
+
+
 def discrete_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0,
                        last_timestep: int | None = None) -> np.ndarray:
     """diffusers' integer timestep spacings (Table 2 of arXiv 2305.08891)."""
@@ -54,8 +60,7 @@ def discrete_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_off
     if spacing == "linspace":
         return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     if spacing == "leading":
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+        check_steps_offset(steps_offset)
         ratio = T // (n + 1)
         if n * ratio + steps_offset > num_train_timesteps - 1:
             raise ValueError(f"steps_offset={steps_offset} with timestep_spacing='leading' and {n} steps puts the first "

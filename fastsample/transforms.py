@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 
+from .parameterization import convert
+
 STAGES = ("prediction", "history")
 DUALFAST_REFERENCES = ("first", "previous")
 DUALFAST_SCHEDULES = ("constant", "linear")
 DUALFAST_MAX = 2.0
+DUALFAST_DEFAULTS = {"reference": "previous", "schedule": "constant"}
 
 
 class Transform:
@@ -51,13 +54,6 @@ def apply(stage: str, transforms: tuple, memos: tuple, grid, i: int, x, hist: tu
     return hist, tuple(memos)
 
 
-def _to_eps(pred, x, alpha: float, sigma: float, prediction: str):
-    return pred if prediction == "eps" else (x - alpha * pred) / sigma
-
-
-def _from_eps(eps, x, alpha: float, sigma: float, prediction: str):
-    return eps if prediction == "eps" else (x - sigma * eps) / alpha
-
 
 class DualFast(Transform):
     """DualFast's prediction (arXiv 2506.13058): eps~_i = (1 + c_i) eps(x_i, t_i) - c_i eps(x_tau, t_tau), no extra
@@ -82,13 +78,13 @@ class DualFast(Transform):
         a, s = grid.alpha[i], grid.sigma[i]
         if a == 0.0 or s == 0.0:  # pure noise (eps = x / sigma exactly) or clean data: nothing to mix
             return hist, memo
-        eps = _to_eps(hist[0], x, a, s, self.prediction)
+        eps = convert(hist[0], x, "sample" if self.prediction == "x0" else "epsilon", a, s, "eps")
         if memo is None:  # the reference is this prediction: c (eps - eps_tau) = 0
             return hist, eps
         c = self.coefficient(i, grid.num_steps)
         mixed = eps + c * (eps - memo)
         new_memo = memo if self.reference == "first" else eps
-        return (_from_eps(mixed, x, a, s, self.prediction),) + hist[1:], new_memo
+        return (convert(mixed, x, "epsilon", a, s, self.prediction),) + hist[1:], new_memo
 
 
 def check_dualfast(c, reference: str = "previous", schedule: str = "constant") -> float:
@@ -110,8 +106,8 @@ def dualfast_spec(value) -> dict | None:
         unknown = set(value) - {"c", "reference", "schedule"}
         if unknown or "c" not in value:
             raise ValueError(f"dualfast as a dict takes 'c' (required), 'reference' and 'schedule', got {value!r}")
-        spec = {"reference": "previous", "schedule": "constant", **value}
+        spec = {**DUALFAST_DEFAULTS, **value}
     else:
-        spec = {"c": value, "reference": "previous", "schedule": "constant"}
+        spec = {**DUALFAST_DEFAULTS, "c": value}
     check_dualfast(spec["c"], spec["reference"], spec["schedule"])
     return None if spec["c"] == 0 else spec

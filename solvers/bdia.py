@@ -21,6 +21,7 @@ import torch
 
 from fastsample.expint import combine
 from fastsample.solver import Grid, Solver
+from fastsample.timesteps import check_steps_offset
 from fastsample.transforms import apply
 
 
@@ -82,10 +83,8 @@ class BDIA(Solver):
         """The sample at node i - 1 from those at nodes i and i + 1 and the data prediction at node i."""
         if self.gamma == 0.0:
             raise ValueError("gamma = 0 is DDIM, which is not exactly invertible: use gamma > 0")
-        fx, fd = _ddim(grid, i, i + 1)
-        bx, bd = _ddim(grid, i, i - 1)
-        g = self.memory(grid, i)
-        return x_next / g + (bx - fx / g) * x + (bd - fd / g) * pred
+        cp, cx, cd = self.coefficients(grid, i, first=False)
+        return x_next / cp - (cx / cp) * x - (cd / cp) * pred
 
 
 @dataclass(frozen=True)
@@ -108,9 +107,10 @@ class BDIAScheduler(FastScheduler):
     """Drop-in for diffusers' ``DDIMScheduler`` (its config keys; ``eta`` stays 0: BDIA is deterministic) with
     ``gamma`` (0 is DDIM); a FlowMatch config (``from_config``) or ``use_flow_sigmas`` gives it for flow models.
     ``clip_sample`` defaults to False (DDIM's default is True): a config without the key (FlowMatch's, the
-    multistep schedulers') would otherwise clip latents to +-1 silently; configs that set it (SD's: false) keep it.  After ``load_inversion(fastsample.invert(...))`` the next run with that step count
-    regenerates the inverted image exactly: its first step returns the inversion's second latent (the model's output
-    there is not used), and every later step is the exact inverse of an inversion step."""
+    multistep schedulers') would otherwise clip latents to +-1 silently; configs that set it (SD's: false) keep it.
+    After ``load_inversion(fastsample.invert(...))`` the next run with that step count regenerates the inverted
+    image exactly: its first step returns the inversion's second latent (the model's output there is not used), and
+    every later step is the exact inverse of an inversion step."""
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -142,10 +142,7 @@ class BDIAScheduler(FastScheduler):
         (the multistep schedulers' spacings put n + 1 points and drop the last); "trailing" is the same."""
         cfg, T = self.config, self.config.num_train_timesteps
         if self.spacing == "leading":
-            offset = cfg.steps_offset
-            if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-                raise ValueError(f"steps_offset must be a non-negative integer, got {offset!r}")
-            ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + check_steps_offset(cfg.steps_offset)
         elif self.spacing == "linspace":
             ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         else:
@@ -234,36 +231,24 @@ def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_step
     cdt = scheduler._compute_dtype(x0)
     ts = scheduler.timesteps
 
-    def predict(x, i):  # the data prediction at node i, as the scheduler's step converts it
-        out = model_output(model(x.to(x0.dtype), ts[i], **model_kwargs)).to(cdt)
+    def predict(x, i, t=None):  # the data prediction at node i as the scheduler's step converts it; the model
+        out = model_output(model(x.to(x0.dtype), ts[i] if t is None else t, **model_kwargs)).to(cdt)  # at ts[i]
         return convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], "x0", scheduler.threshold)
 
     x_end = x0.to(cdt)
-    if grid.sigma[n] > 0:  # DDIM's backward step from the end level
+    if grid.sigma[n] > 0:  # DDIM's backward step from the end level, the model called at the end level's time
         cx, cd = _ddim(grid, n, n - 1)
-        x_prev = cx * x_end + cd * _x0_at_end(model, x_end, scheduler, model_kwargs, x0.dtype, cdt)
+        x_prev = cx * x_end + cd * predict(x_end, n, torch.tensor(scheduler.model_time(grid)(n)))
     else:  # from clean data: x_{N-1} = alpha x0 + sigma eps(x0 at the last noisy level)
         eps = convert(model_output(model(x_end.to(x0.dtype), ts[n - 1], **model_kwargs)).to(cdt), x_end,
                       cfg.prediction_type, grid.alpha[n - 1], grid.sigma[n - 1], "eps")
         x_prev = grid.alpha[n - 1] * x_end + grid.sigma[n - 1] * eps
-    later, x = x_end, x_prev  # the samples at nodes i + 1 and i
-    # every sample is rounded to x0's dtype, as a run stores its samples between steps
-    later, x = later.to(x0.dtype).to(cdt), x.to(x0.dtype).to(cdt)
+    # the samples at nodes i + 1 and i, each rounded to x0's dtype, as a run stores its samples between steps
+    later, x = x_end.to(x0.dtype).to(cdt), x_prev.to(x0.dtype).to(cdt)
     for i in tqdm(range(n - 1, 0, -1), disable=not progress, leave=False):
         earlier = solver.unstep(grid, i, x, later, predict(x, i)).to(x0.dtype).to(cdt)
         later, x = x, earlier
     return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma)
-
-
-def _x0_at_end(model, x, scheduler, model_kwargs, dtype, cdt):
-    """The data prediction at the end level (sigma_min > 0), the model called at the end level's time."""
-    from fastsample.parameterization import convert
-    from fastsample.sampling import model_output
-
-    g = scheduler.grid
-    t = scheduler.model_time(g)(g.num_steps)
-    out = model_output(model(x.to(dtype), torch.tensor(t), **model_kwargs)).to(cdt)
-    return convert(out, x, scheduler.config.prediction_type, g.alpha[-1], g.sigma[-1], "x0", scheduler.threshold)
 
 
 from fastsample.registry import Variant, register  # noqa: E402
