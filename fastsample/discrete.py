@@ -1,57 +1,255 @@
-"""Few-step samplers for masked (absorbing) discrete diffusion, and exact measures on the discrete testbed.
+"""Few-step samplers for discrete diffusion (masked and uniform corruption), their learnable per-step coefficients,
+Learnable Sampler Distillation (LSD, LSD+) fitting them, and exact measures on the discrete testbed.
 
-A masked-diffusion model gives, for tokens ``x`` (``mask_id`` where masked) at keep level ``alpha`` (the share of
-tokens kept; 0: all masked, 1: clean), the posterior marginals ``denoiser(x, alpha) -> N x L x V`` of the clean
-tokens.  The analytic-posterior (DDIM-like) step from keep level a to a' > a unmasks each masked token with
-probability (a' - a) / (1 - a) and draws its value from the denoiser's marginal; kept tokens stay.  Tokens unmasked
-in the same step are drawn independently: that is the few-step sampler's error, and it vanishes as the steps get
-finer (one token at a time samples the joint exactly).  ``temperatures`` (one a step; 1: the plain sampler) scale the
-marginals' log-probabilities, the per-step coefficient that a distilled sampler learns.
+Conventions.  Tokens take values 0..V-1; under masking (absorbing) corruption the mask token is ``V``.  A *keep
+level* ``alpha`` in [0, 1] is the probability that a clean token survives corruption (0: pure noise, 1: clean), so
+a run climbs from 0 to 1.  A denoiser is a callable ``denoiser(x, alpha) -> N x L x V`` of probabilities of the
+clean token at every position (``alpha`` a Python float, or a 0-d tensor when a fit differentiates through it).
+
+One step from keep level a to b > a samples every position independently from the analytic posterior
+q(x_b | x_a) = sum_v p(x0 = v | x_a) q(x_b | x_a, x0 = v) (:func:`transition`):
+- masked: a masked token unmasks with probability (b - a) / (1 - a), its value drawn from p; kept tokens stay;
+- uniform (D3PM's uniform kernel, diffusers' ``DiscreteDDIMScheduler``): with s = a / b and w_v = p_v / q(x_a | v),
+  q(x_b = j | x_a) = (s [x_a = j] + (1 - s) / V) (b w_j + (1 - b) / V sum_v w_v).
+Tokens moved in the same step are drawn independently: that factorisation is the few-step sampler's error, and it
+vanishes as the steps get finer.
+
+The per-step coefficients (:class:`DiscreteCoefficients`) are what LSD learns: a temperature for each step, which
+divides the denoiser's log-probabilities before the step (1: the plain sampler), and, for LSD+, the keep levels
+themselves (the time schedule).  All at their identity values they give the plain sampler exactly.
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 SCHEDULES = ("linear", "cosine")
+CORRUPTIONS = ("mask", "uniform")
+F64 = torch.float64
 
 
 def keep_levels(steps: int, schedule: str = "linear") -> torch.Tensor:
-    """steps + 1 keep levels from 0 (all masked) to 1 (clean): linear, or cosine (1 - cos(pi u / 2))."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    """steps + 1 keep levels from 0 (pure noise) to 1 (clean): linear, or cosine (1 - cos(pi u / 2))."""
+    _check_steps(steps)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=F64)
     return u if schedule == "linear" else 1.0 - torch.cos(math.pi * u / 2)
 
 
-def masked_sample(denoiser, n: int, length: int, vocab_size: int, steps: int, schedule: str = "linear",
-                  temperatures=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` sequences of ``length`` tokens in ``steps`` analytic-posterior steps from all-masked; the mask token is
-    ``vocab_size``.  ``steps`` denoiser calls."""
-    levels = keep_levels(steps, schedule)
-    if temperatures is None:
-        temperatures = [1.0] * steps
-    temperatures = [float(t) for t in temperatures]
-    if len(temperatures) != steps or not all(math.isfinite(t) and t > 0 for t in temperatures):
-        raise ValueError(f"temperatures must be {steps} finite numbers > 0 (1: the plain sampler), got {temperatures}")
-    mask_id = vocab_size
-    x = torch.full((n, length), mask_id, dtype=torch.long)
-    for i in range(steps):
-        a, b = float(levels[i]), float(levels[i + 1])
-        probs = denoiser(x, a)
-        if probs.shape != (n, length, vocab_size):
-            raise ValueError(f"the denoiser must return N x L x V = {(n, length, vocab_size)} probabilities, got "
-                             f"{tuple(probs.shape)}: is its vocabulary size {vocab_size}?")
-        if temperatures[i] != 1.0:
-            probs = torch.softmax(torch.log(probs.clamp_min(1e-300)) / temperatures[i], dim=-1)
-        draw = torch.multinomial(probs.reshape(-1, vocab_size), 1, generator=generator).reshape(n, length)
-        p_unmask = 1.0 if b >= 1.0 else (b - a) / (1.0 - a)
-        unmask = (x == mask_id) & (torch.rand((n, length), generator=generator, dtype=torch.float64) < p_unmask)
-        x = torch.where(unmask, draw, x)
-    return x
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def _check_corruption(corruption) -> str:
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+    return corruption
+
+
+@dataclass(frozen=True)
+class DiscreteCoefficients:
+    """A few-step discrete sampler's per-step coefficients: ``levels`` (steps + 1 keep levels rising strictly from
+    0 to 1) and ``temperatures`` (steps finite numbers > 0; 1 is the plain sampler), for ``corruption``."""
+    levels: tuple
+    temperatures: tuple
+    corruption: str = "mask"
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        levels = tuple(float(a) for a in self.levels)
+        temps = tuple(float(t) for t in self.temperatures)
+        _check_corruption(self.corruption)
+        if len(levels) < 2:
+            raise ValueError(f"levels must hold steps + 1 >= 2 keep levels, got {list(levels)}")
+        if not all(math.isfinite(a) for a in levels) or levels[0] != 0.0 or levels[-1] != 1.0 or \
+                any(b <= a for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"levels must be finite and rise strictly from 0.0 to 1.0, got {list(levels)}")
+        if len(temps) != len(levels) - 1 or not all(math.isfinite(t) and t > 0 for t in temps):
+            raise ValueError(f"temperatures must be {len(levels) - 1} finite numbers > 0 (1: the plain sampler), "
+                             f"got {list(temps)}")
+        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "temperatures", temps)
+
+    @property
+    def steps(self) -> int:
+        return len(self.temperatures)
+
+    @classmethod
+    def plain(cls, steps: int, corruption: str = "mask", schedule: str = "linear") -> "DiscreteCoefficients":
+        """The identity coefficients: the plain analytic-posterior sampler on a linear or cosine grid."""
+        return cls(tuple(keep_levels(steps, schedule).tolist()), (1.0,) * steps, corruption)
+
+    def to_dict(self) -> dict:
+        return {"corruption": self.corruption, "levels": list(self.levels), "temperatures": list(self.temperatures),
+                "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiscreteCoefficients":
+        missing = {"levels", "temperatures", "corruption"} - set(d)
+        if missing:
+            raise ValueError(f"discrete coefficients need the keys levels, temperatures and corruption; "
+                             f"missing {sorted(missing)}")
+        return cls(tuple(d["levels"]), tuple(d["temperatures"]), d["corruption"], dict(d.get("meta", {})))
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path) -> "DiscreteCoefficients":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def temper(probs: torch.Tensor, temperature) -> torch.Tensor:
+    """probs ** (1 / temperature), renormalised over the last axis (temperature 1 returns ``probs`` itself)."""
+    if not torch.is_tensor(temperature) and temperature == 1.0:
+        return probs
+    return torch.softmax(torch.log(probs.clamp_min(1e-300)) / temperature, dim=-1)
+
+
+def transition(probs: torch.Tensor, x: torch.Tensor, a, b, corruption: str) -> torch.Tensor:
+    """The analytic-posterior step's distribution of every position's next token, from keep level ``a`` to
+    ``b > a``, given the clean-token probabilities ``probs`` (N x L x V) at the current tokens ``x`` (N x L).
+    Masked: N x L x (V + 1), the last column the mask; uniform: N x L x V.  ``a`` and ``b`` may be 0-d tensors
+    (differentiable)."""
+    V = probs.shape[-1]
+    if corruption == "mask":
+        masked = (x == V).unsqueeze(-1)
+        p_unmask = (b - a) / (1 - a)
+        go = torch.cat([p_unmask * probs, (1 - p_unmask) * torch.ones_like(probs[..., :1])], dim=-1)
+        stay = torch.nn.functional.one_hot(x, V + 1).to(probs.dtype)
+        return torch.where(masked, go, stay)
+    if corruption != "uniform":
+        _check_corruption(corruption)
+    hit = torch.nn.functional.one_hot(x, V).to(probs.dtype)
+    w = probs / (a * hit + (1 - a) / V)
+    s = a / b
+    return (s * hit + (1 - s) / V) * (b * w + (1 - b) / V * w.sum(-1, keepdim=True))
+
+
+def _draw(probs: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: the index where the cumulative probabilities pass the uniforms ``r`` (N x L)."""
+    cdf = probs.cumsum(-1)
+    return (cdf < (r * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(probs.shape[-1] - 1)
+
+
+@dataclass
+class DiscreteNoise:
+    """A run's randomness, shared by a student and its teacher ("the same noise").  Masked: ``order`` (N x L
+    uniforms: a position unmasks at the first level above its value, so every sampler unmasks in the same order)
+    and ``values`` (N x L uniforms for the inverse-CDF draw of each position's one value).  Uniform: ``start``
+    (the N x L starting tokens) and ``seed`` (for the per-step uniforms)."""
+    corruption: str
+    shape: tuple
+    order: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    seed: int = 0
+
+    @classmethod
+    def draw(cls, corruption: str, n: int, length: int, vocab_size: int, seed: int = 0) -> "DiscreteNoise":
+        g = torch.Generator().manual_seed(int(seed))
+        if _check_corruption(corruption) == "mask":
+            return cls(corruption, (n, length), order=torch.rand((n, length), generator=g, dtype=F64),
+                       values=torch.rand((n, length), generator=g, dtype=F64), seed=seed)
+        return cls(corruption, (n, length), start=torch.randint(0, vocab_size, (n, length), generator=g),
+                   seed=seed)
+
+
+def _probs(denoiser, x, a, n, length, vocab_size):
+    probs = denoiser(x, a)
+    if probs.shape != (n, length, vocab_size):
+        raise ValueError(f"the denoiser must return N x L x V = {(n, length, vocab_size)} probabilities, got "
+                         f"{tuple(probs.shape)}: is its vocabulary size {vocab_size}?")
+    return probs
+
+
+def sample(denoiser, coefficients: DiscreteCoefficients, n: int, length: int, vocab_size: int,
+           noise: DiscreteNoise | None = None, seed: int = 0, trajectory: bool = False):
+    """``n`` sequences of ``length`` tokens from pure noise in ``coefficients.steps`` steps (one denoiser call a
+    step).  ``noise`` (or a fresh one from ``seed``) fixes the randomness; with ``trajectory=True`` the states at
+    every level come back too, as a list of ``steps + 1`` tensors."""
+    c = coefficients
+    noise = noise or DiscreteNoise.draw(c.corruption, n, length, vocab_size, seed)
+    if noise.corruption != c.corruption or tuple(noise.shape) != (n, length):
+        raise ValueError(f"noise is for {noise.corruption} corruption of shape {tuple(noise.shape)}; the run needs "
+                         f"{c.corruption} of shape {(n, length)}")
+    if c.corruption == "mask":
+        x = torch.full((n, length), vocab_size, dtype=torch.long)
+    else:
+        if int(noise.start.max()) >= vocab_size:
+            raise ValueError(f"noise.start holds token {int(noise.start.max())}, outside the vocabulary of size "
+                             f"{vocab_size}")
+        x = noise.start.clone()
+        g = torch.Generator().manual_seed(int(noise.seed) + 1)
+    states = [x]
+    for i in range(c.steps):
+        a, b = c.levels[i], c.levels[i + 1]
+        probs = temper(_probs(denoiser, x, a, n, length, vocab_size), c.temperatures[i])
+        if c.corruption == "mask":
+            value = _draw(probs, noise.values)
+            x = torch.where((x == vocab_size) & ((noise.order < b) | (b >= 1.0)), value, x)
+        else:
+            x = _draw(transition(probs, x, a, b, "uniform"), torch.rand((n, length), generator=g, dtype=F64))
+        states.append(x)
+    return (x, states) if trajectory else x
+
+
+# ------------------------------------------------------------------------------ exact measures on the testbed
+def _states(length: int, symbols: int) -> torch.Tensor:
+    return torch.stack(torch.meshgrid(*[torch.arange(symbols)] * length, indexing="ij"), dim=-1).reshape(-1, length)
+
+
+def exact_distribution(testbed, coefficients: DiscreteCoefficients, chunk: int = 256) -> torch.Tensor:
+    """The sampler's exact output distribution over the V^L clean sequences (in :func:`_states` order) with the
+    testbed's exact denoiser, by propagating the distribution over every partial state step by step (V^L, or
+    (V+1)^L states under masking, must be small)."""
+    c, V, L = coefficients, testbed.vocab_size, testbed.length
+    C = V + 1 if c.corruption == "mask" else V
+    if C ** L > 2 ** 16:
+        raise ValueError(f"exact_distribution enumerates {C}^{L} = {C ** L} states; use a testbed with at most "
+                         f"2^16 states")
+    states = _states(L, C)
+    p = torch.zeros(C ** L, dtype=F64)
+    if c.corruption == "mask":
+        p[-1] = 1.0                                   # all masked
+    else:
+        p[:] = 1.0 / V ** L                           # uniform noise
+    for i in range(c.steps):
+        a, b = c.levels[i], c.levels[i + 1]
+        support = torch.nonzero(p > 0).squeeze(1)
+        q = torch.zeros_like(p)
+        for part in support.split(chunk):
+            x = states[part]
+            probs = temper(testbed.posterior(x, a, c.corruption), c.temperatures[i])
+            t = transition(probs, x, a, b, c.corruption)             # S x L x C
+            out = t[:, 0]
+            for l in range(1, L):
+                out = (out.unsqueeze(-1) * t[:, l].unsqueeze(1)).reshape(len(part), -1)
+            q += p[part] @ out
+        p = q
+    if c.corruption == "mask":
+        clean = (states < V).all(1)
+        if float(p[~clean].sum()) > 1e-12:
+            raise RuntimeError("masked tokens remain at the end of the run")
+        p = p[clean]
+    return p
+
+
+def exact_kl(testbed, coefficients: DiscreteCoefficients) -> float:
+    """KL(p || q) from the testbed's distribution p to the sampler's exact output distribution q."""
+    q = exact_distribution(testbed, coefficients)
+    logp = testbed.log_prob(_states(testbed.length, testbed.vocab_size))
+    return float((logp.exp() * (logp - torch.log(q.clamp_min(1e-300)))).sum())
 
 
 def empirical_kl(testbed, samples: torch.Tensor) -> float:
@@ -65,6 +263,6 @@ def empirical_kl(testbed, samples: torch.Tensor) -> float:
     index = (samples.long() * weights).sum(1)
     counts = torch.bincount(index, minlength=V ** L).double() + 0.5
     q = counts / counts.sum()
-    states = torch.stack(torch.meshgrid(*[torch.arange(V)] * L, indexing="ij"), dim=-1).reshape(-1, L)
-    logp = testbed.log_prob(states)
+    logp = testbed.log_prob(_states(L, V))
     return float((logp.exp() * (logp - torch.log(q))).sum())
+

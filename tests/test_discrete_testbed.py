@@ -72,30 +72,81 @@ def test_bad_input_is_named(tiny, call, match):
 
 
 # ---------------------------------------------------------------------------------------------- the plain sampler
-from fastsample.discrete import empirical_kl, keep_levels, masked_sample  # noqa: E402
+from fastsample.discrete import (DiscreteCoefficients, DiscreteNoise, empirical_kl, exact_distribution,  # noqa: E402
+                                 exact_kl, keep_levels, sample, transition)
 
 
-def test_plain_sampler_converges_to_the_data_distribution():
-    """KL from the truth to the sampler's empirical distribution falls with the steps, to the floor of exact
-    samples' own empirical KL; one token at a time (steps >> L) samples the joint exactly."""
+@pytest.mark.parametrize("corruption", ["mask", "uniform"])
+def test_plain_sampler_converges_to_the_data_distribution(corruption):
+    """Exact KL from the truth to the sampler's output falls with the steps towards 0 (the joint is sampled
+    exactly as the steps get fine), and samples' empirical KL agrees with the exact distribution."""
     m = CategoricalMixture.random(length=4, vocab_size=3, components=3, concentration=0.3, seed=0)
-    den = lambda x, a: m.posterior(x, a, "mask")  # noqa: E731
-    n = 60000
-    floor = empirical_kl(m, m.sample_data(n, torch.Generator().manual_seed(9)))
-    kl = {s: empirical_kl(m, masked_sample(den, n, 4, 3, s, generator=torch.Generator().manual_seed(1)))
-          for s in (1, 2, 4, 64)}
-    assert kl[1] > kl[2] > kl[4] > kl[64] and kl[64] < 2 * floor + 1e-3 and kl[1] > 10 * floor, (kl, floor)
+    kl = {s: exact_kl(m, DiscreteCoefficients.plain(s, corruption)) for s in (1, 2, 4, 16, 64)}
+    assert kl[1] > kl[2] > kl[4] > kl[16] > kl[64] and kl[64] < 0.02 * kl[1], kl
+    den = lambda x, a: m.posterior(x, a, corruption)  # noqa: E731
+    c = DiscreteCoefficients.plain(2, corruption)
+    x = sample(den, c, 100000, 4, 3, seed=3)
+    q = exact_distribution(m, c)
+    counts = torch.bincount((x * torch.tensor([27, 9, 3, 1])).sum(1), minlength=81).double() / len(x)
+    assert (counts - q).abs().max() < 4e-3, (counts - q).abs().max()
 
 
-def test_unit_temperatures_are_the_plain_sampler_and_bad_input_is_named():
+def test_transition_is_the_enumerated_posterior():
+    """The uniform step's closed form equals sum_v p(x0 = v | x_a) q(x_b | x_a, x0 = v) with q(x_b | x_a, x0) from
+    Bayes' rule on the forward kernel, and the masked step unmasks with probability (b - a) / (1 - a)."""
+    V, a, b = 4, 0.3, 0.55
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(5, 3, V, generator=g, dtype=torch.float64), -1)
+    x = torch.randint(0, V, (5, 3), generator=g)
+    fwd = lambda lo, hi: (lo / hi) * torch.eye(V, dtype=torch.float64) + (1 - lo / hi) / V  # q(x_lo | x_hi)  # noqa: E731
+    prior = lambda lvl: lvl * torch.eye(V, dtype=torch.float64) + (1 - lvl) / V              # q(x_lvl | x0)  # noqa: E731
+    want = torch.zeros(5, 3, V, dtype=torch.float64)
+    for v in range(V):
+        joint = fwd(a, b)[x] * prior(b)[v]                 # q(x_a | x_b = j) q(x_b = j | x0 = v), over j
+        want += probs[..., v:v + 1] * joint / joint.sum(-1, keepdim=True)
+    assert torch.allclose(transition(probs, x, a, b, "uniform"), want, atol=1e-14)
+    xm = x.clone()
+    xm[0] = V
+    t = transition(probs, xm, a, b, "mask")
+    assert torch.allclose(t[0, :, V], torch.full((3,), (1 - b) / (1 - a), dtype=torch.float64))
+    assert torch.allclose(t[0, :, :V], probs[0] * (b - a) / (1 - a)) and torch.equal(t[1:].argmax(-1), xm[1:])
+
+
+@pytest.mark.parametrize("corruption", ["mask", "uniform"])
+def test_identity_coefficients_are_the_plain_sampler(corruption):
     m = CategoricalMixture.random(length=4, vocab_size=3, components=2, seed=1)
-    den = lambda x, a: m.posterior(x, a, "mask")  # noqa: E731
-    a = masked_sample(den, 50, 4, 3, 4, generator=torch.Generator().manual_seed(0))
-    b = masked_sample(den, 50, 4, 3, 4, temperatures=[1.0] * 4, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and (a < 3).all()
+    den = lambda x, a: m.posterior(x, a, corruption)  # noqa: E731
+    noise = DiscreteNoise.draw(corruption, 50, 4, 3, seed=0)
+    plain = DiscreteCoefficients.plain(4, corruption)
+    same = DiscreteCoefficients((0.0, 0.25, 0.5, 0.75, 1.0), (1.0,) * 4, corruption)
+    hot = DiscreteCoefficients(plain.levels, (1.0, 1.0, 0.5, 1.0), corruption)
+    a, b, c = (sample(den, k, 50, 4, 3, noise=noise) for k in (plain, same, hot))
+    assert torch.equal(a, b) and not torch.equal(a, c) and (a < 3).all()
     assert keep_levels(4).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
-    for kw, match in ((dict(steps=0), "steps must be an integer >= 1"),
-                      (dict(steps=4, temperatures=[1.0, math.inf, 1.0, 1.0]), "temperatures must be 4 finite"),
-                      (dict(steps=4, vocab_size=5), r"vocabulary size 3, plus the mask 3\), got values in \[5, 5\]")):  # the testbed names it
-        with pytest.raises(ValueError, match=match):
-            masked_sample(den, 5, 4, kw.pop("vocab_size", 3), **kw)
+    assert DiscreteCoefficients.from_dict(hot.to_dict()) == hot
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DiscreteCoefficients.plain(0), "steps must be an integer >= 1"),
+    (lambda: DiscreteCoefficients((0.0, 0.5, 1.0), (1.0, math.inf)), "temperatures must be 2 finite numbers > 0"),
+    (lambda: DiscreteCoefficients((0.0, 0.5, 1.0), (1.0, math.nan)), "temperatures must be 2 finite numbers > 0"),
+    (lambda: DiscreteCoefficients((0.0, 0.6, 0.5, 1.0), (1.0,) * 3), "rise strictly from 0.0 to 1.0"),
+    (lambda: DiscreteCoefficients((0.0, math.nan, 1.0), (1.0,) * 2), "levels must be finite"),
+    (lambda: DiscreteCoefficients((0.0, 1.0), (1.0,), "gaussian"), "corruption must be one of"),
+    (lambda: DiscreteCoefficients.from_dict({"levels": [0.0, 1.0]}), r"missing \['corruption', 'temperatures'\]"),
+])
+def test_bad_coefficients_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_vocabulary_mismatch_is_named():
+    """A denoiser over 3 values driven as if the vocabulary held 5: the sampler names the mismatch (the testbed's
+    own denoiser names out-of-range tokens first)."""
+    three = lambda x, a: torch.full((*x.shape, 3), 1 / 3, dtype=torch.float64)  # noqa: E731
+    for corruption in ("mask", "uniform"):
+        with pytest.raises(ValueError, match=r"N x L x V = \(5, 4, 5\) .* is its vocabulary size 5"):
+            sample(three, DiscreteCoefficients.plain(2, corruption), 5, 4, 5)
+    m = CategoricalMixture.random(length=4, vocab_size=3, components=2, seed=1)
+    with pytest.raises(ValueError, match=r"vocabulary size 3, plus the mask 3\), got values in \[5, 5\]"):
+        sample(lambda x, a: m.posterior(x, a, "mask"), DiscreteCoefficients.plain(2), 5, 4, 5)
