@@ -266,3 +266,107 @@ def empirical_kl(testbed, samples: torch.Tensor) -> float:
     logp = testbed.log_prob(_states(L, V))
     return float((logp.exp() * (logp - torch.log(q))).sum())
 
+
+
+# ------------------------------------------------------------------------------------------ LSD and LSD+
+LOSSES = ("states", "scores")
+
+
+def hamming_mmd(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> float:
+    """The (biased, V-statistic) squared MMD between two sets of token sequences with the kernel
+    exp(-Hamming / (scale * L / 6)); 0 when the sets are equal as multisets."""
+    length, width = x.shape[1], scale * x.shape[1] / 6.0
+    symbols = int(max(x.max(), y.max())) + 1
+    fx, fy = (torch.nn.functional.one_hot(t, symbols).flatten(1).to(torch.float32) for t in (x, y))
+
+    def k(a, b):  # agreements by one matrix product: Hamming = length - <onehot a, onehot b>
+        return torch.exp((a @ b.T - length).double() / width).mean()
+
+    return float(k(fx, fx) + k(fy, fy) - 2 * k(fx, fy))
+
+
+def _levels_from(z: np.ndarray) -> tuple:
+    """Keep levels 0 < ... < 1 from free parameters: the increments are softmax(z) (z = 0: the linear grid)."""
+    inc = np.exp(z - z.max())
+    return tuple(np.concatenate([[0.0], np.cumsum(inc / inc.sum())[:-1], [1.0]]).tolist())
+
+
+def _teacher_at(states: list, level: float) -> torch.Tensor:
+    """A linear-grid teacher's state at ``level`` (its first grid level at or above it)."""
+    steps = len(states) - 1
+    return states[min(steps, int(math.ceil(level * steps - 1e-9)))]
+
+
+def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: DiscreteNoise, teacher: dict,
+                   vocab_size: int, loss: str = "states") -> float:
+    """The trajectory-alignment loss of a student sampler against a many-step teacher, summed over the student's
+    steps.  ``teacher`` holds the teacher's ``states`` (its states on its linear grid) and ``noise``.
+
+    - ``"states"``: the squared MMD (:func:`hamming_mmd`) between the student's states and the teacher's at the
+      end level of every step: the two trajectories are aligned in distribution, so the teacher's runs are
+      independent of the student's (``teacher["noise"]`` is its own).
+    - ``"scores"``: the LSD paper's per-step score alignment: the squared L2 distance between the student's
+      tempered clean-token prediction at its state and the teacher's prediction at the teacher's state at the
+      same level, both runs from the same noise (the teacher's noise must be ``noise``), averaged over the
+      positions still to be decided (the masked ones under masking)."""
+    c = coefficients
+    n, length = noise.shape
+    _, states = sample(denoiser, c, n, length, vocab_size, noise=noise, trajectory=True)
+    total = 0.0
+    for i in range(c.steps):
+        if loss == "states":
+            total += hamming_mmd(states[i + 1], _teacher_at(teacher["states"], c.levels[i + 1]))
+            continue
+        a, x = c.levels[i], states[i]
+        mine = temper(_probs(denoiser, x, a, n, length, vocab_size), c.temperatures[i])
+        theirs = _probs(denoiser, _teacher_at(teacher["states"], a), a, n, length, vocab_size)
+        open_ = (x == vocab_size) if c.corruption == "mask" else torch.ones_like(x, dtype=torch.bool)
+        if open_.any():
+            total += float((((mine - theirs) ** 2).sum(-1) * open_).sum() / open_.sum())
+    return total
+
+
+def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str = "mask", learn_levels: bool = False,
+            loss: str = "states", teacher_steps: int = 256, n: int = 1000, seed: int = 0,
+            start: DiscreteCoefficients | None = None, max_evals: int = 600) -> DiscreteCoefficients:
+    """Fit a ``steps``-step sampler's coefficients by LSD (per-step temperatures) or, with ``learn_levels``, LSD+
+    (temperatures and the time schedule) against the ``teacher_steps``-step plain sampler, minimising
+    :func:`alignment_loss` over ``n`` runs.  Every evaluation reuses the same noise, so the loss is a
+    deterministic (piecewise-constant) function of the coefficients and the search is Powell's derivative-free
+    method, from ``start`` (default: the identity coefficients)."""
+    from scipy.optimize import minimize
+
+    _check_steps(steps)
+    _check_steps(teacher_steps)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    start = start or DiscreteCoefficients.plain(steps, corruption)
+    if start.steps != steps or start.corruption != corruption:
+        raise ValueError(f"start must be {steps}-step {corruption} coefficients, got {start.steps}-step "
+                         f"{start.corruption}")
+    noise = DiscreteNoise.draw(corruption, n, length, vocab_size, seed)
+    t_noise = noise if loss == "scores" else DiscreteNoise.draw(corruption, n, length, vocab_size, seed + 7919)
+    _, t_states = sample(denoiser, DiscreteCoefficients.plain(teacher_steps, corruption), n, length, vocab_size,
+                         noise=t_noise, trajectory=True)
+    teacher = {"states": t_states, "noise": t_noise}
+    theta0 = np.log(np.asarray(start.temperatures))
+    if learn_levels:
+        inc = np.log(np.diff(np.asarray(start.levels)))
+        theta0 = np.concatenate([theta0, inc - inc.mean()])
+
+    def unpack(theta):
+        temps = tuple(np.exp(np.clip(theta[:steps], -5.0, 5.0)).tolist())
+        return DiscreteCoefficients(_levels_from(theta[steps:]) if learn_levels else start.levels, temps, corruption)
+
+    def objective(theta):
+        try:
+            return alignment_loss(denoiser, unpack(theta), noise, teacher, vocab_size, loss)
+        except ValueError:      # levels that collapse onto each other are outside the family
+            return math.inf
+
+    before = objective(theta0)
+    res = minimize(objective, theta0, method="Powell", options={"maxfev": max_evals, "xtol": 1e-3, "ftol": 1e-6})
+    fitted = unpack(res.x)
+    meta = {"method": "LSD+" if learn_levels else "LSD", "loss": loss, "teacher_steps": teacher_steps, "runs": n,
+            "seed": seed, "loss_identity": before, "loss_fitted": float(res.fun), "evaluations": int(res.nfev)}
+    return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)

@@ -36,6 +36,26 @@ from .timesteps import check_choice, check_descending, check_scales
 MODEL_TYPES = ("ve", "const")
 
 
+def import_k_diffusion_sampling():
+    """k-diffusion's own ``k_diffusion.sampling`` module, imported alone (the package's ``__init__`` imports
+    training extras such as wandb and clip that a sampling user need not install), or None when k-diffusion is not
+    installed (``pip install --no-deps k-diffusion torchdiffeq``).  For comparisons against the reference."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        return None
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("k_diffusion", package)
+    return importlib.import_module("k_diffusion.sampling")
+
+
 def grid_from_sigmas(sigmas, model_type: str = "ve") -> Grid:
     """The N+1 levels of ``sigmas`` (descending; a trailing 0 is the clean end point) as a solver grid: alpha = 1
     for "ve", alpha = 1 - sigma for "const"."""

@@ -10,18 +10,15 @@ error of the end point against the exact solution, then interpolates every sampl
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import torch
 
 from fastsample import cli
 from fastsample import k_diffusion as F
+from fastsample.k_diffusion import import_k_diffusion_sampling
 from fastsample.testbeds import GaussianMixture
 
 RTOLS = [0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005]
@@ -30,17 +27,10 @@ OURS = ["unipc3", "dpm++3m", "unipc2"]
 
 
 def k_diffusion_sampling():
-    """k-diffusion's sampling module alone (its package imports training extras)."""
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
+    module = import_k_diffusion_sampling()
+    if module is None:
         raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion torchdiffeq")
-    if "k_diffusion.sampling" not in sys.modules:
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules.setdefault("k_diffusion", package)
-    return importlib.import_module("k_diffusion.sampling")
+    return module
 
 
 def testbeds():

@@ -1,15 +1,12 @@
 """fastsample.k_diffusion: the registered solvers in k-diffusion's calling convention.  Equal to k-diffusion's
 sample_euler, sample_heun, sample_dpmpp_2m and sample_dpmpp_2m_sde (the same Brownian noise) on the exact testbed
 and on a small UNet; every deterministic registered solver equal to its own scheduler on the same grid."""
-import importlib
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
 
 from fastsample import k_diffusion as F
+from fastsample.k_diffusion import import_k_diffusion_sampling
 from fastsample.registry import make_scheduler, variants
 from fastsample.schedules import DiscreteVP, make_betas
 from fastsample.testbeds import GaussianMixture
@@ -22,16 +19,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def K():
     """k-diffusion's sampling module, imported alone: its package __init__ imports training extras (wandb, clip)
     that the test environment does not install."""
-    if "k_diffusion.sampling" in sys.modules:  # imported alone already (scripts/bench_adaptive.py does the same)
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
+    module = import_k_diffusion_sampling()
+    if module is None:
         pytest.skip("k-diffusion is not installed (make install adds it: pip install --no-deps k-diffusion)")
-    if "k_diffusion.sampling" not in sys.modules:
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules.setdefault("k_diffusion", package)
-    return importlib.import_module("k_diffusion.sampling")
+    return module
 
 
 @pytest.fixture(scope="module")
