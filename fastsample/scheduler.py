@@ -6,6 +6,8 @@ and tracks its position with a counter that ``set_timesteps`` resets.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +28,7 @@ from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
 from .solver import Grid, Solver, step_from_pure_noise
 
-__all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput"]
+__all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput", "shared_config"]
 
 
 # FlowMatch options that no scheduler here implements: an error, never a silent change of the process
@@ -63,8 +65,38 @@ def flow_match_config(config) -> dict:
     return cfg
 
 
+# The config keys every FastScheduler takes, declared once: teleportation, learned schedules and DualFast.  They are
+# read from ``self.config`` (``_setup``), so a subclass's ``__init__`` does not name them; ``shared_config`` adds
+# them to its signature, which is what diffusers' ``register_to_config`` and ``from_config`` read.
+SHARED_CONFIG = (("teleport_stats", "str | None", None), ("teleport_fraction", "float", 0.0),
+                 ("teleport_sigma", "float | None", None), ("learned_timesteps", "list | None", None),
+                 ("learned_scales", "list | None", None), ("learned_sigmas", "list | None", None),
+                 ("dualfast", "float | dict | None", None))
+
+
+def shared_config(init):
+    """Decorate a FastScheduler's ``__init__`` (under ``@register_to_config``) with the SHARED_CONFIG keys, appended
+    to its own keyword parameters; the wrapped ``__init__`` never receives them."""
+    sig = inspect.signature(init)
+    names = [name for name, _, _ in SHARED_CONFIG]
+    clash = sorted(set(names) & set(sig.parameters))
+    if clash:
+        raise TypeError(f"{init.__qualname__} declares the shared config keys {clash} itself; drop them from it")
+    own = len(sig.parameters) - 1
+    extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=hint)
+             for name, hint, default in SHARED_CONFIG]
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        return init(self, *args[:own], **{k: v for k, v in kwargs.items() if k not in names})
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    return wrapper
+
+
 class FastScheduler(SchedulerMixin, ConfigMixin):
-    """Base adapter.  Subclasses define ``__init__`` with ``@register_to_config`` and ``make_solver()``."""
+    """Base adapter.  Subclasses define ``__init__`` with ``@register_to_config`` over ``@shared_config`` (the keys
+    every scheduler takes) and ``make_solver()``."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1

@@ -100,6 +100,8 @@ class Inversion:
 # ---------------------------------------------------------------------------- diffusers scheduler
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
+from fastsample.scheduler import shared_config  # noqa: E402
+
 from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 
 
@@ -113,16 +115,14 @@ class BDIAScheduler(FastScheduler):
     every later step is the exact inverse of an inversion step."""
 
     @register_to_config
+    @shared_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = False,
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False,
                  gamma: float = 0.5, spacing: str | None = None, use_flow_sigmas: bool = False,
-                 flow_shift: float = 1.0, final_sigmas_type: str | None = None, teleport_stats: str | None = None,
-                 teleport_fraction: float = 0.0, teleport_sigma: float | None = None,
-                 learned_timesteps: list | None = None, learned_scales: list | None = None,
-                 learned_sigmas: list | None = None, dualfast: float | dict | None = None):
+                 flow_shift: float = 1.0, final_sigmas_type: str | None = None):
         check_gamma(gamma)
         if not (isinstance(clip_sample_range, (int, float)) and 0 < clip_sample_range < math.inf):
             raise ValueError(f"clip_sample_range must be a positive finite number, got {clip_sample_range!r}")

@@ -193,6 +193,8 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
 # ---------------------------------------------------------------------------- diffusers scheduler
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
+from fastsample.scheduler import shared_config  # noqa: E402
+
 from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 from fastsample.solver import Solver  # noqa: E402
 
@@ -210,6 +212,7 @@ class DCSolverScheduler(FastScheduler):
     _peer_values = {"solver_type": {"midpoint": "bh1", "heun": "bh1", "logrho": "bh1", "tab": "bh1"}}
 
     @register_to_config
+    @shared_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 3,
                  prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
@@ -220,10 +223,7 @@ class DCSolverScheduler(FastScheduler):
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
                  sigma_min: float | None = None, sigma_max: float | None = None, spacing: str | None = None,
                  dc_ratios: list | None = None, dc_order: int = 2, base_solver: str = "unipc", cpr=None,
-                 cpr_guidance_scale: float = 1.0, teleport_stats: str | None = None, teleport_fraction: float = 0.0,
-                 teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None,
-                 dualfast: float | dict | None = None):
+                 cpr_guidance_scale: float = 1.0):
         if base_solver not in BASE_SOLVERS:
             raise ValueError(f"base_solver must be one of {BASE_SOLVERS}, got {base_solver!r}")
         if dc_order not in DC_ORDERS:

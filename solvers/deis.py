@@ -51,6 +51,8 @@ class DEIS(Solver):
 # ---------------------------------------------------------------------------- diffusers scheduler
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
+from fastsample.scheduler import shared_config  # noqa: E402
+
 from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 
 
@@ -65,6 +67,7 @@ class DEISScheduler(FastScheduler):
                     "solver_type": {"midpoint": "tab", "heun": "tab", "bh1": "tab", "bh2": "tab"}}
 
     @register_to_config
+    @shared_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
                  prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
@@ -73,11 +76,7 @@ class DEISScheduler(FastScheduler):
                  use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, use_dynamic_shifting: bool = False,
                  time_shift_type: str = "exponential", final_sigmas_type: str = "sigma_min",
-                 rescale_betas_zero_snr: bool = False, spacing: str | None = None, deis_type: str | None = None,
-                 teleport_stats: str | None = None, teleport_fraction: float = 0.0,
-                 teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None,
-                 dualfast: float | dict | None = None):
+                 rescale_betas_zero_snr: bool = False, spacing: str | None = None, deis_type: str | None = None):
         if deis_type not in (None,) + DEIS_SOLVER_TYPES:
             raise ValueError(f"deis_type must be None or one of {DEIS_SOLVER_TYPES}, got {deis_type!r}")
         self._setup()

@@ -116,6 +116,8 @@ class DPMSolverPlusPlus(Solver):
 import torch  # noqa: E402
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
+from fastsample.scheduler import shared_config  # noqa: E402
+
 from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 
 
@@ -128,6 +130,7 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
                     "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint", "tab": "midpoint"}}
 
     @register_to_config
+    @shared_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
                  prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
@@ -138,11 +141,7 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
                  lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", eta: float | None = None,
-                 noise_type: str = "gaussian", spacing: str | None = None, third_order: str = "reference",
-                 teleport_stats: str | None = None, teleport_fraction: float = 0.0,
-                 teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None,
-                 dualfast: float | dict | None = None):
+                 noise_type: str = "gaussian", spacing: str | None = None, third_order: str = "reference"):
         if variance_type not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type must be None, 'learned' or 'learned_range', got {variance_type!r}")
         self._setup()

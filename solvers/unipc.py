@@ -110,6 +110,8 @@ class UniPC(Solver):
 # ---------------------------------------------------------------------------- diffusers scheduler
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
+from fastsample.scheduler import shared_config  # noqa: E402
+
 from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 
 
@@ -120,6 +122,7 @@ class UniPCScheduler(FastScheduler):
     _peer_values = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2", "tab": "bh2"}}
 
     @register_to_config
+    @shared_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
                  prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
@@ -129,11 +132,7 @@ class UniPCScheduler(FastScheduler):
                  flow_shift: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min: float | None = None,
-                 sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None,
-                 teleport_stats: str | None = None, teleport_fraction: float = 0.0,
-                 teleport_sigma: float | None = None, learned_timesteps: list | None = None,
-                 learned_scales: list | None = None, learned_sigmas: list | None = None,
-                 dualfast: float | dict | None = None):
+                 sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None):
         if shift_terminal is not None and not (use_flow_sigmas or spacing == "flow_match"):
             raise ValueError("shift_terminal is only supported on a flow schedule (use_flow_sigmas=True or "
                              "spacing='flow_match')")
