@@ -177,7 +177,8 @@ def sample(denoiser, coefficients: DiscreteCoefficients, n: int, length: int, vo
            noise: DiscreteNoise | None = None, seed: int = 0, trajectory: bool = False):
     """``n`` sequences of ``length`` tokens from pure noise in ``coefficients.steps`` steps (one denoiser call a
     step).  ``noise`` (or a fresh one from ``seed``) fixes the randomness; with ``trajectory=True`` the states at
-    every level come back too, as a list of ``steps + 1`` tensors."""
+    every level come back too, as a list of ``steps + 1`` tensors, and the tempered predictions of every step
+    (``(x, states, predictions)``)."""
     c = coefficients
     noise = noise or DiscreteNoise.draw(c.corruption, n, length, vocab_size, seed)
     if noise.corruption != c.corruption or tuple(noise.shape) != (n, length):
@@ -191,17 +192,18 @@ def sample(denoiser, coefficients: DiscreteCoefficients, n: int, length: int, vo
                              f"{vocab_size}")
         x = noise.start.clone()
         g = torch.Generator().manual_seed(int(noise.seed) + 1)
-    states = [x]
+    states, predictions = [x], []
     for i in range(c.steps):
         a, b = c.levels[i], c.levels[i + 1]
         probs = temper(_probs(denoiser, x, a, n, length, vocab_size), c.temperatures[i])
+        predictions.append(probs)
         if c.corruption == "mask":
             value = _draw(probs, noise.values)
             x = torch.where((x == vocab_size) & ((noise.order < b) | (b >= 1.0)), value, x)
         else:
             x = _draw(transition(probs, x, a, b, "uniform"), torch.rand((n, length), generator=g, dtype=F64))
         states.append(x)
-    return (x, states) if trajectory else x
+    return (x, states, predictions) if trajectory else x
 
 
 # ------------------------------------------------------------------------------ exact measures on the testbed
@@ -311,19 +313,49 @@ def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: Discrete
       positions still to be decided (the masked ones under masking)."""
     c = coefficients
     n, length = noise.shape
-    _, states = sample(denoiser, c, n, length, vocab_size, noise=noise, trajectory=True)
+    _, states, mine = sample(denoiser, c, n, length, vocab_size, noise=noise, trajectory=True)
     total = 0.0
+    cache = teacher.setdefault("predictions", {})   # the teacher's predictions at a level do not change
     for i in range(c.steps):
         if loss == "states":
             total += hamming_mmd(states[i + 1], _teacher_at(teacher["states"], c.levels[i + 1]))
             continue
         a, x = c.levels[i], states[i]
-        mine = temper(_probs(denoiser, x, a, n, length, vocab_size), c.temperatures[i])
-        theirs = _probs(denoiser, _teacher_at(teacher["states"], a), a, n, length, vocab_size)
+        if a not in cache:
+            cache[a] = _probs(denoiser, _teacher_at(teacher["states"], a), a, n, length, vocab_size)
+        theirs = cache[a]
         open_ = (x == vocab_size) if c.corruption == "mask" else torch.ones_like(x, dtype=torch.bool)
         if open_.any():
-            total += float((((mine - theirs) ** 2).sum(-1) * open_).sum() / open_.sum())
+            total += float((((mine[i] - theirs) ** 2).sum(-1) * open_).sum() / open_.sum())
     return total
+
+
+def fit_coefficients(objective, start: DiscreteCoefficients, learn_levels: bool = False,
+                     max_evals: int = 600) -> tuple[DiscreteCoefficients, dict]:
+    """Minimise ``objective(coefficients) -> float`` over the per-step temperatures (log-parameterised) and, with
+    ``learn_levels``, the keep levels (softmax-parameterised increments) by Powell's derivative-free method from
+    ``start``.  Returns the best coefficients and {"before", "after", "evaluations"}."""
+    from scipy.optimize import minimize
+
+    steps, corruption = start.steps, start.corruption
+    theta0 = np.log(np.asarray(start.temperatures))
+    if learn_levels:
+        inc = np.log(np.diff(np.asarray(start.levels)))
+        theta0 = np.concatenate([theta0, inc - inc.mean()])
+
+    def unpack(theta):
+        temps = tuple(np.exp(np.clip(theta[:steps], -5.0, 5.0)).tolist())
+        return DiscreteCoefficients(_levels_from(theta[steps:]) if learn_levels else start.levels, temps, corruption)
+
+    def f(theta):
+        try:
+            return objective(unpack(theta))
+        except ValueError:      # levels that collapse onto each other are outside the family
+            return math.inf
+
+    before = f(theta0)
+    res = minimize(f, theta0, method="Powell", options={"maxfev": max_evals, "xtol": 1e-3, "ftol": 1e-6})
+    return unpack(res.x), {"before": before, "after": float(res.fun), "evaluations": int(res.nfev)}
 
 
 def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str = "mask", learn_levels: bool = False,
@@ -332,10 +364,8 @@ def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str 
     """Fit a ``steps``-step sampler's coefficients by LSD (per-step temperatures) or, with ``learn_levels``, LSD+
     (temperatures and the time schedule) against the ``teacher_steps``-step plain sampler, minimising
     :func:`alignment_loss` over ``n`` runs.  Every evaluation reuses the same noise, so the loss is a
-    deterministic (piecewise-constant) function of the coefficients and the search is Powell's derivative-free
-    method, from ``start`` (default: the identity coefficients)."""
-    from scipy.optimize import minimize
-
+    deterministic (piecewise-constant) function of the coefficients, and :func:`fit_coefficients` searches it
+    without derivatives, from ``start`` (default: the identity coefficients)."""
     _check_steps(steps)
     _check_steps(teacher_steps)
     if loss not in LOSSES:
@@ -346,27 +376,12 @@ def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str 
                          f"{start.corruption}")
     noise = DiscreteNoise.draw(corruption, n, length, vocab_size, seed)
     t_noise = noise if loss == "scores" else DiscreteNoise.draw(corruption, n, length, vocab_size, seed + 7919)
-    _, t_states = sample(denoiser, DiscreteCoefficients.plain(teacher_steps, corruption), n, length, vocab_size,
-                         noise=t_noise, trajectory=True)
+    _, t_states, _ = sample(denoiser, DiscreteCoefficients.plain(teacher_steps, corruption), n, length, vocab_size,
+                            noise=t_noise, trajectory=True)
     teacher = {"states": t_states, "noise": t_noise}
-    theta0 = np.log(np.asarray(start.temperatures))
-    if learn_levels:
-        inc = np.log(np.diff(np.asarray(start.levels)))
-        theta0 = np.concatenate([theta0, inc - inc.mean()])
-
-    def unpack(theta):
-        temps = tuple(np.exp(np.clip(theta[:steps], -5.0, 5.0)).tolist())
-        return DiscreteCoefficients(_levels_from(theta[steps:]) if learn_levels else start.levels, temps, corruption)
-
-    def objective(theta):
-        try:
-            return alignment_loss(denoiser, unpack(theta), noise, teacher, vocab_size, loss)
-        except ValueError:      # levels that collapse onto each other are outside the family
-            return math.inf
-
-    before = objective(theta0)
-    res = minimize(objective, theta0, method="Powell", options={"maxfev": max_evals, "xtol": 1e-3, "ftol": 1e-6})
-    fitted = unpack(res.x)
+    fitted, info = fit_coefficients(lambda c: alignment_loss(denoiser, c, noise, teacher, vocab_size, loss), start,
+                                    learn_levels, max_evals)
     meta = {"method": "LSD+" if learn_levels else "LSD", "loss": loss, "teacher_steps": teacher_steps, "runs": n,
-            "seed": seed, "loss_identity": before, "loss_fitted": float(res.fun), "evaluations": int(res.nfev)}
+            "seed": seed, "loss_identity": info["before"], "loss_fitted": info["after"],
+            "evaluations": info["evaluations"]}
     return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)

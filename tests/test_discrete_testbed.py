@@ -172,7 +172,7 @@ def test_a_student_as_fine_as_its_teacher_is_aligned(loss):
     den = lambda x, a: m.posterior(x, a, "uniform")  # noqa: E731
     noise = DiscreteNoise.draw("uniform", 300, 4, 3, seed=0)
     c = DiscreteCoefficients.plain(8, "uniform")
-    _, states = sample(den, c, 300, 4, 3, noise=noise, trajectory=True)
+    _, states, _ = sample(den, c, 300, 4, 3, noise=noise, trajectory=True)
     assert alignment_loss(den, c, noise, {"states": states, "noise": noise}, 3, loss) == pytest.approx(0.0, abs=1e-12)
 
 
