@@ -9,7 +9,8 @@ one that is registered is tested everywhere.
 A *variant* is a named configuration of the scheduler (its config keys) with the convergence order it declares on an
 exact-score problem (``None`` for a stochastic one); its name is usable wherever a scheduler name is
 (``make_scheduler("unipc3")``, a sweep row).  ``diffusers_peer`` names the diffusers scheduler that the solver equals
-under ``peer_options`` (the equality and pipeline tests check it).
+under ``peer_options`` (the equality and pipeline tests check it); ``peer_in_pipelines`` False says the equality holds
+only under conditions a pipeline's defaults do not meet, so only the equality tests check it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class SolverInfo:
     aliases: tuple = ()
     diffusers_peer: str | None = None
     peer_options: dict = field(default_factory=dict)
+    peer_in_pipelines: bool = True
 
     def make(self, **config):
         return self.scheduler(**config)
@@ -56,7 +58,7 @@ _loaded = False
 
 
 def register(name: str, scheduler: type, variants=(), aliases=(), diffusers_peer: str | None = None,
-             peer_options: dict | None = None) -> SolverInfo:
+             peer_options: dict | None = None, peer_in_pipelines: bool = True) -> SolverInfo:
     """Register ``scheduler`` (a ``FastScheduler`` subclass) under ``name``; names, aliases and variant names are
     one namespace, and a clash is an error."""
     from .scheduler import FastScheduler
@@ -69,7 +71,8 @@ def register(name: str, scheduler: type, variants=(), aliases=(), diffusers_peer
     clash = sorted((taken & set(new)) | {n for n in new if new.count(n) > 1})
     if clash:
         raise ValueError(f"register({name!r}): the names {clash} are already registered")
-    info = SolverInfo(name, scheduler, variants, tuple(aliases), diffusers_peer, dict(peer_options or {}))
+    info = SolverInfo(name, scheduler, variants, tuple(aliases), diffusers_peer, dict(peer_options or {}),
+                      bool(peer_in_pipelines))
     _REGISTRY[name] = info
     return info
 

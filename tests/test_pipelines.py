@@ -47,11 +47,10 @@ from fastsample.registry import solvers  # noqa: E402
 OURS = [info.scheduler for info in solvers()]  # every registered scheduler
 THEIRS = [DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler,
           DDIMScheduler]
-# ours (with the options under which it claims to equal diffusers) -> the diffusers scheduler it replaces
-# the registry's: each solver's diffusers peer under its peer_options (HeunScheduler's equality needs trailing or
-# custom grids and VP-scaled start noise, so it is checked in tests/test_equality.py, not in these pipelines)
+# ours (with the options under which it claims to equal diffusers) -> the diffusers scheduler it replaces: the
+# registry's peers whose equality holds in a pipeline (peer_in_pipelines; the others are in tests/test_equality.py)
 PEERS = [(info.scheduler, info.peer_options, getattr(diffusers, info.diffusers_peer)) for info in solvers()
-         if info.diffusers_peer and info.name != "heun"]
+         if info.diffusers_peer and info.peer_in_pipelines]
 # Stable Diffusion's training schedule
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SIZE = 16          # SD image height/width in pixels (latents 8x8: the tiny VAE downsamples by 2)
