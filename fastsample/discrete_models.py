@@ -18,6 +18,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from .metrics import frechet, statistics
 from .testbeds import CategoricalMixture
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -119,26 +120,18 @@ class DigitsEvaluator:
             opt.step()
         self.net.eval()
         self.mixture = fit_mixture(train_x, seed=seed)
-        self.ref = self.features(self.test_x)
+        self.ref = statistics(self.features(self.test_x))
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[:4](x.float() / 16).double()
 
-    @staticmethod
-    def _fd(a: torch.Tensor, b: torch.Tensor) -> float:
-        from scipy import linalg
-
-        mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
-        ca, cb = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
-        root = linalg.sqrtm(ca @ cb).real
-        return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * root))
-
     def fd(self, x: torch.Tensor, bootstrap: int = 20, seed: int = 0) -> tuple[float, float]:
         f = self.features(x)
         g = torch.Generator().manual_seed(seed)
-        boots = [self._fd(f[torch.randint(0, len(f), (len(f),), generator=g)], self.ref) for _ in range(bootstrap)]
-        return self._fd(f, self.ref), float(np.std(boots, ddof=1))
+        boots = [frechet(statistics(f[torch.randint(0, len(f), (len(f),), generator=g)]), self.ref)
+                 for _ in range(bootstrap)]
+        return frechet(statistics(f), self.ref), float(np.std(boots, ddof=1))
 
     def nll(self, x: torch.Tensor) -> tuple[float, float]:
         v = -self.mixture.log_prob(x)

@@ -54,7 +54,6 @@ def apply(stage: str, transforms: tuple, memos: tuple, grid, i: int, x, hist: tu
     return hist, tuple(memos)
 
 
-
 class DualFast(Transform):
     """DualFast's prediction (arXiv 2506.13058): eps~_i = (1 + c_i) eps(x_i, t_i) - c_i eps(x_tau, t_tau), no extra
     model call.  ``eps(x_tau, t_tau)`` is a buffered model prediction at a higher noise level: the previous step's

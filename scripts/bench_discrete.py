@@ -88,14 +88,13 @@ def run_testbed(f, done, args):
     m = testbed()
     for corruption in ("mask", "uniform"):
         den = lambda x, a, c=corruption: m.posterior(x, a, c)  # noqa: E731
-        teacher = None
         for steps in args.steps:
-            rows = [("plain", None), *[(k, None) for k in FITS]]
+            rows = ["plain", *FITS]
             if corruption == "uniform":
-                rows += [("plain (empirical)", None), ("DiscreteDDIMScheduler (empirical)", None)]
+                rows += ["plain (empirical)", "DiscreteDDIMScheduler (empirical)"]
             if (corruption, steps) in ORACLE:
-                rows.append((ORACLE_ROW, None))
-            for method, _ in rows:
+                rows.append(ORACLE_ROW)
+            for method in rows:
                 key = f"testbed/{corruption}/{method}/{steps}"
                 if key in done:
                     continue
@@ -126,7 +125,6 @@ def run_testbed(f, done, args):
             f.append({"key": key, "part": "testbed", "corruption": corruption, "method": f"teacher ({TEACHER} steps)",
                       "steps": TEACHER, "kl": exact_kl(m, DiscreteCoefficients.plain(TEACHER, corruption)),
                       "seconds": round(time.time() - t, 1)})
-        del teacher
 
 
 def run_digits(f, done, args):

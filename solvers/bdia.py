@@ -100,9 +100,7 @@ class Inversion:
 # ---------------------------------------------------------------------------- diffusers scheduler
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
-from fastsample.scheduler import shared_config  # noqa: E402
-
-from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
+from fastsample.scheduler import FastScheduler, SchedulerMixin, shared_config  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 
 
 class BDIAScheduler(FastScheduler):

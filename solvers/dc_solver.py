@@ -193,9 +193,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
 # ---------------------------------------------------------------------------- diffusers scheduler
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 
-from fastsample.scheduler import shared_config  # noqa: E402
-
-from fastsample.scheduler import FastScheduler, SchedulerMixin  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
+from fastsample.scheduler import FastScheduler, SchedulerMixin, shared_config  # noqa: E402,F401  (SchedulerMixin: pipeline reload)
 from fastsample.solver import Solver  # noqa: E402
 
 from .dpm_solver_pp import DPMSolverPlusPlus  # noqa: E402

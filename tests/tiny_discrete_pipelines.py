@@ -6,11 +6,7 @@ nothing is downloaded.
 * :func:`tiny_diffusion_gemma_pipeline` -> ``diffusers.DiffusionGemmaPipeline`` around a tiny
   ``transformers.DiffusionGemmaForBlockDiffusion`` (2 layers, hidden size 32, MoE with 2 experts, a
   1-layer 16-wide vision tower because the config cannot drop it).
-* :func:`tiny_llada2_pipeline` -> ``diffusers.LLaDA2Pipeline`` around :class:`TinyBlockDiffusionLM`, a tiny
-  ``LlamaForCausalLM`` whose 2-D padding mask is turned into a block-causal 4-D mask (transformers ships
-  no LLaDA2 model class; the real checkpoint is ``trust_remote_code``).
-
-Both pipelines get a character-level ``PreTrainedTokenizerFast`` with a small Jinja chat template, and
+The pipeline gets a character-level ``PreTrainedTokenizerFast`` with a small Jinja chat template, and
 ``pipe.call_counter`` (a :class:`ForwardCallCounter`) that counts the denoiser forward calls made by the
 pipeline's denoising loop (separately from DiffusionGemma's encoder prefill calls).
 
@@ -25,7 +21,6 @@ Typical use::
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +32,12 @@ __all__ = [
     "CHAT_TEMPLATE",
     "ForwardCallCounter",
     "TinyChatProcessor",
-    "TinyBlockDiffusionLM",
     "build_char_tokenizer",
     "tiny_diffusion_gemma_model",
     "tiny_diffusion_gemma_pipeline",
-    "tiny_llada2_model",
-    "tiny_llada2_pipeline",
-    "block_aligned_prompt_ids",
 ]
 
-# Fixed ids: pad=0, eos=1, bos=2 match DiffusionGemmaTextConfig's defaults; mask=3 is what LLaDA2 reads
-# from `tokenizer.mask_token_id`.
+# Fixed ids: pad=0, eos=1, bos=2 match DiffusionGemmaTextConfig's defaults; mask=3 is the tokenizer's mask token.
 SPECIAL_TOKENS = (
     "<pad>",
     "<eos>",
@@ -178,7 +168,7 @@ class ForwardCallCounter:
     Hooks are registered on the modules themselves, so a count is one ``module(...)`` call made by the pipeline
     (inner submodule calls are not counted). ``denoiser_shapes[i]`` is the token-id shape of the i-th denoiser
     call, and ``denoiser_groups[i]`` the number of encoder calls seen before it (DiffusionGemma: the canvas index)
-    or, without an encoder, the input sequence length (LLaDA2: identifies the block).
+    or, without an encoder, the input sequence length.
     """
 
     denoiser_calls: int = 0
@@ -208,13 +198,11 @@ class ForwardCallCounter:
         self.encoder_calls += 1
 
     def calls_per_canvas(self) -> list[int]:
-        """Denoiser calls grouped by canvas (DiffusionGemma) / block (LLaDA2), in order of first appearance."""
+        """Denoiser calls grouped by canvas, in order of first appearance."""
         counts: dict[int, int] = {}
         for group in self.denoiser_groups:
             counts[group] = counts.get(group, 0) + 1
         return list(counts.values())
-
-    calls_per_block = calls_per_canvas
 
     def reset(self) -> None:
         self.denoiser_calls = 0
@@ -359,152 +347,3 @@ def tiny_diffusion_gemma_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.call_counter = ForwardCallCounter.attach(model, encoder=model.model.encoder)
     return pipe
-
-
-# --------------------------------------------------------------------------------------------------------------
-# LLaDA2
-# --------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _block_diffusion_cls():
-    # Built on first use, so importing this module does not import transformers' Llama.
-    from transformers import LlamaForCausalLM
-
-    class TinyBlockDiffusionLM(LlamaForCausalLM):
-        """``LlamaForCausalLM`` that reads a 2-D padding ``attention_mask`` the way LLaDA2 does.
-
-        ``LLaDA2Pipeline`` passes a 2-D ``[batch, seq]`` mask (1 = real context, 0 = padding / block tail) and leaves
-        the conversion to the model. Here it becomes a 4-D additive mask: query ``i`` sees key ``j`` iff ``j`` is
-        valid and ``block(j) <= block(i)`` (``attention="block_causal"``, LLaDA2-style), any valid ``j``
-        (``"bidirectional"``), or valid ``j <= i`` (``"causal"``). Every position always sees itself, so no row is
-        fully masked. Logits of ``suppress_token_ids`` (default: the mask token) are set to the dtype minimum.
-        """
-
-        block_length: int = 8
-        attention: str = "block_causal"
-        # A trained masked-diffusion denoiser never predicts the mask token; a random one happily does (and the
-        # pipeline would then "commit" masks that stay masks), so its logit is pinned to the dtype minimum.
-        suppress_token_ids: tuple[int, ...] = (MASK_ID,)
-
-        def _expand_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            batch, seq = attention_mask.shape
-            device = attention_mask.device
-            pos = torch.arange(seq, device=device)
-            if self.attention == "block_causal":
-                blocks = pos // self.block_length
-                allowed = blocks[None, :] <= blocks[:, None]
-            elif self.attention == "bidirectional":
-                allowed = torch.ones(seq, seq, dtype=torch.bool, device=device)
-            elif self.attention == "causal":
-                allowed = pos[None, :] <= pos[:, None]
-            else:
-                raise ValueError(f"unknown attention {self.attention!r}")
-            allowed = allowed[None] & attention_mask.bool()[:, None, :]
-            allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)[None]
-            additive = torch.zeros(batch, 1, seq, seq, dtype=dtype, device=device)
-            return additive.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-            if attention_mask is not None and attention_mask.dim() == 2:
-                attention_mask = self._expand_mask(attention_mask, self.dtype)
-            out = super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-            )
-            if self.suppress_token_ids and out.logits is not None:
-                out.logits[..., list(self.suppress_token_ids)] = torch.finfo(out.logits.dtype).min
-            return out
-
-    TinyBlockDiffusionLM.__module__ = __name__
-    TinyBlockDiffusionLM.__qualname__ = "TinyBlockDiffusionLM"
-    return TinyBlockDiffusionLM
-
-
-def __getattr__(name: str):
-    # PEP 562: `from tests.tiny_discrete_pipelines import TinyBlockDiffusionLM` builds the class lazily.
-    if name == "TinyBlockDiffusionLM":
-        return _block_diffusion_cls()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def tiny_llada2_model(
-    vocab_size: int = 64,
-    block_length: int = 8,
-    *,
-    hidden_size: int = 32,
-    num_hidden_layers: int = 2,
-    max_position_embeddings: int = 512,
-    attention: str = "block_causal",
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-):
-    """A randomly initialised, ~30k-parameter :class:`TinyBlockDiffusionLM` (eval mode, sdpa attention)."""
-    from transformers import LlamaConfig
-
-    cls = _block_diffusion_cls()
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden_size // 2,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-        tie_word_embeddings=False,  # tied + residual makes a random model echo its input (all masks)
-    )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
-    model.block_length = block_length
-    model.attention = attention
-    return model.to(dtype=dtype).eval()
-
-
-def tiny_llada2_pipeline(
-    scheduler=None,
-    vocab_size: int = 64,
-    block_length: int = 8,
-    *,
-    attention: str = "block_causal",
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-):
-    """``LLaDA2Pipeline(model=tiny TinyBlockDiffusionLM, scheduler=scheduler, tokenizer=char tokenizer)``.
-
-    ``scheduler`` defaults to ``BlockRefinementScheduler(block_length=block_length)``; the pipeline reads
-    ``scheduler.config.block_length`` when the call gets no ``block_length`` and needs the scheduler's
-    ``check_eos_finished``/``check_block_should_continue`` methods, so in practice it must be a
-    ``BlockRefinementScheduler`` (or subclass). The model's block-causal mask uses ``block_length``; pass the same
-    value to the pipeline call. The tokenizer's ``mask_token_id`` (3) is what the pipeline fills the canvas with.
-
-    ``pipe.call_counter`` counts ``pipe.model(...)`` calls; ``calls_per_block()`` groups them by input length,
-    i.e. by block. For exactly ``num_inference_steps`` calls per block use ``threshold`` > 1 (commit only the
-    scheduled top-k), ``editing_threshold=None``, ``eos_early_stop=False``, ``gen_length`` a multiple of
-    ``block_length`` and a prompt whose length is a multiple of ``block_length`` (see
-    :func:`block_aligned_prompt_ids`); otherwise blocks can end early or take extra post-mask/editing calls.
-    """
-    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
-
-    if scheduler is None:
-        scheduler = BlockRefinementScheduler(block_length=block_length)
-    model = tiny_llada2_model(vocab_size, block_length, attention=attention, seed=seed, dtype=dtype)
-    tokenizer = build_char_tokenizer(vocab_size)
-    pipe = LLaDA2Pipeline(model=model, scheduler=scheduler, tokenizer=tokenizer)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.call_counter = ForwardCallCounter.attach(model)
-    return pipe
-
-
-def block_aligned_prompt_ids(
-    block_length: int = 8, batch_size: int = 1, *, num_blocks: int = 1, vocab_size: int = 64, seed: int = 0
-) -> torch.LongTensor:
-    """Random non-special prompt ids of length ``num_blocks * block_length`` (for ``LLaDA2Pipeline(input_ids=...)``)."""
-    gen = torch.Generator().manual_seed(seed)
-    low = len(SPECIAL_TOKENS)
-    high = min(vocab_size, MIN_VOCAB_SIZE)
-    return torch.randint(low, high, (batch_size, num_blocks * block_length), generator=gen)
