@@ -1,4 +1,5 @@
-# fastsample: make sample | make test | make bench | make results   (each sets up .venv itself)
+# fastsample: make sample | make test | make bench | make results   (each sets up .venv itself; the same as
+# .venv/bin/fastsample sample | bench | results, the package's console script)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 sample: install
-	$(PY) scripts/sample.py
+	$(VENV)/bin/fastsample sample
 
 test: install
 	$(PY) -m pytest -q
@@ -29,10 +30,10 @@ test-all: install  ## the slow tests too
 	$(PY) -m pytest -q -m ""
 
 bench: install
-	$(PY) scripts/bench_overhead.py
+	$(VENV)/bin/fastsample bench
 
 results: install  ## every committed fmnist-large table (hours on a CPU; resumable: a rerun skips finished cells)
-	$(PY) scripts/fid_sweep.py --plan plans/fmnist-large.json --threads $${THREADS:-1}
+	$(VENV)/bin/fastsample results --threads $${THREADS:-1}
 
 diffusers-suite: install  ## diffusers' own scheduler tests against ours: needs DIFFUSERS_SRC=<diffusers checkout>
 	$(PY) scripts/run_diffusers_scheduler_tests.py

@@ -203,12 +203,9 @@ def test_learning_rate_schedule_and_guard():
 def test_restart_from_ema_loads_the_ema_weights_and_no_moments(tmp_path):
     """--restart-from-ema (a new training phase): the network takes the checkpoint's EMA weights, AdamW starts fresh;
     a plain resume takes the raw weights and the saved moments."""
-    import importlib.util
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from fastsample.commands import train
 
     def fresh(seed):
         torch.manual_seed(seed)
