@@ -3,7 +3,8 @@
 ``Grid`` holds the N+1 noise levels of a run (float64 alpha, sigma, lambda and native time t).  A ``Solver``
 turns (grid, step index, order) into a ``Rule``: the scalar coefficients of
     x_next = c_x * x + sum_j c_j * P_j + c_z * z            (P_0 the newest prediction, then older ones)
-and optionally a corrector rule of the same form applied to the previous sample before the predictor.
+and optionally a corrector rule of the same form applied to the previous sample before the predictor (its
+``c_z`` weighs the noise that the previous step drew, which a stochastic corrector reuses).
 ``State`` is explicit and immutable: the step index, the history of predictions (newest first), the orders
 used so far and the sample the last step started from.  Nothing else is kept between steps.
 """
@@ -70,6 +71,7 @@ class State:
     history: tuple = ()       # predictions, newest first
     orders: tuple = ()        # predictor order used at each past step
     last_x: torch.Tensor | None = None
+    last_noise: torch.Tensor | None = None  # the noise the last step drew (a corrector that reuses it: SA-Solver)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
     transforms: tuple = ()    # the run's prediction transforms (fastsample.transforms), in their declared order
     memos: tuple = ()         # each transform's per-run memory
@@ -138,13 +140,14 @@ class Solver:
             k = state.orders[-1]
             rule = self._cached(state, ("c", i, k), lambda: self.corrector_rule(grid, i, k))
             if rule is not None:
-                x = combine(rule.cx, state.last_x, rule.coefs, hist)
+                x = combine(rule.cx, state.last_x, rule.coefs, hist, rule.noise, state.last_noise)
         hist, memos = apply("history", state.transforms, memos, grid, i, x, hist)
         k = self.step_order(grid, i, self.usable(grid, i, len(hist)))
         rule = self._cached(state, ("p", i, k), lambda: self.rule(grid, i, k))
         x_next = combine(rule.cx, x, rule.coefs, hist, rule.noise, noise)
         keep = self.solver_order + (1 if self.has_corrector else 0)
-        new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x, memos=memos)
+        new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x,
+                      last_noise=noise, memos=memos)
         return x_next, new
 
     def calls(self, grid: Grid) -> list[tuple[int, int]]:

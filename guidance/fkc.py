@@ -259,7 +259,8 @@ class FKCSampler:
                 idx = idx.reshape(-1)
                 take = lambda v: v[idx.to(v.device)] if torch.is_tensor(v) else v  # noqa: E731
                 x = take(x)
-                state = replace(state, history=tuple(take(h) for h in state.history), last_x=take(state.last_x))
+                state = replace(state, history=tuple(take(h) for h in state.history), last_x=take(state.last_x),
+                                last_noise=take(state.last_noise))
                 kwargs = {k: (take(v) if _rows(v, B) else v) for k, v in kwargs.items()}
                 if uncond is not None:
                     uncond = {k: (take(v) if _rows(v, B) else v) for k, v in uncond.items()}

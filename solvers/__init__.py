@@ -5,10 +5,11 @@ from .deis import DEIS, DEISScheduler
 from .dpm_solver_pp import DPMSolverPlusPlus, DPMSolverPlusPlusScheduler
 from .er_sde import ERSDE, ERSDEScheduler
 from .heun import Heun, HeunScheduler
+from .sa_solver import SASolver, SASolverScheduler
 from .unipc import UniPC, UniPCScheduler
 
 __all__ = ["BDIA", "BDIAScheduler", "CPR", "DCSolverScheduler", "DEIS", "DEISScheduler", "LSDDiscreteScheduler", "DPMSolverPlusPlus", "DPMSolverPlusPlusScheduler", "ERSDE", "ERSDEScheduler", "Heun", "HeunScheduler",
-           "DynamicCompensation", "UniPC", "UniPCScheduler", "Inversion", "fit_dc_ratios", "invert"]
+           "SASolver", "SASolverScheduler",            "DynamicCompensation", "UniPC", "UniPCScheduler", "Inversion", "fit_dc_ratios", "invert"]
 
 
 def __getattr__(name: str):

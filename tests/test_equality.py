@@ -161,3 +161,72 @@ def test_sde_3m_follows_the_taylor_expansion(latents):
 
     ref = _kdiffusion_3m_sde(x / alpha[0], sig, denoise, noises)
     assert rel_err(ours, ref) < 1e-6  # scheduler.sigmas is float32; the grid is float64
+
+
+@pytest.mark.parametrize("n", [10, 25])
+@pytest.mark.parametrize("orders", [(1, 1), (2, 2), (2, 1), (3, 3), (3, 4), (4, 4)])
+@pytest.mark.parametrize("algorithm_type", ["data_prediction", "noise_prediction"])
+def test_sa_solver_matches_diffusers(latents, n, orders, algorithm_type, monkeypatch):
+    """SA-Solver's stochastic predictor-corrector, the corrector reusing its step's noise, equals diffusers'
+    SASolverScheduler with the same generator: default tau (1 on timesteps [200, 800]), tau everywhere and tau 0."""
+    import diffusers.schedulers.scheduling_sasolver as theirs_module
+    from diffusers import SASolverScheduler as TheirSA
+
+    # our schedulers draw float32 noise whatever the sample's dtype (the same draws in float16, 32 and 64); diffusers
+    # draws in the sample's dtype: draw its noise as ours, so that float64 runs compare too
+    draw = theirs_module.randn_tensor
+    monkeypatch.setattr(theirs_module, "randn_tensor",
+                        lambda shape, dtype=None, **kw: draw(shape, dtype=torch.float32, **kw).to(dtype))
+
+    from fastsample.solvers import SASolverScheduler
+
+    p, c = orders
+    for pred, (tau, tau_range), thr in itertools.product(PREDS, [(1.0, [200, 800]), (0.6, None), (0.0, None)],
+                                                         [False, True]):
+        if thr and algorithm_type == "noise_prediction":
+            continue  # diffusers thresholds the data prediction only
+        cfg = dict(predictor_order=p, corrector_order=c, algorithm_type=algorithm_type, prediction_type=pred,
+                   thresholding=thr, sample_max_value=1.5)
+        lo, hi = tau_range or (-1, 10 ** 9)
+        theirs = lambda: TheirSA(**cfg, tau_func=lambda t: tau if lo <= t <= hi else 0)  # noqa: E731
+        ours = lambda: SASolverScheduler(**cfg, tau=tau, tau_range=tau_range)  # noqa: E731
+        # diffusers expands the Lagrange polynomials in monomials of lambda: with its sigmas in float64 the
+        # algorithms agree to 1e-6 (1e-5 in the noise form, whose float32 sigmas enter through e^(2h)); in float32
+        # that cancellation costs it up to ~1e-2 at orders 3-4 (noise form)
+        ref = _sa_loop(theirs(), latents.double(), n, upcast=True)
+        tight = 1e-6 if algorithm_type == "data_prediction" else 1e-5  # the noise form's e^(2h) noise scale
+        assert rel_err(run_loop(ours(), latents.double(), n, generator_seed=3), ref) < tight, (cfg, tau, tau_range)
+        ref32 = _sa_loop(theirs(), latents.clone(), n)
+        ours32 = run_loop(ours(), latents.clone(), n, generator_seed=3)
+        assert rel_err(ours32, ref32) < (1e-3 if max(p, c) <= 2 else 1e-2), (cfg, tau, tau_range)
+
+
+def _sa_loop(s, x, n, upcast=False):
+    from conftest import smooth_model
+
+    s.set_timesteps(n)
+    if upcast:
+        s.sigmas = s.sigmas.double()
+    g = torch.Generator().manual_seed(3)
+    for t in s.timesteps:
+        x = s.step(smooth_model(x, t), t, x, generator=g).prev_sample
+    return x
+
+
+def test_sa_solver_corrector_reuses_the_predictors_noise(latents):
+    """The noise of step i enters twice: in the predictor of step i and in the corrector that redoes step i at the
+    next call; fresh noise in the corrector changes the result, so diffusers' equality depends on the reuse."""
+    from fastsample.solvers import SASolverScheduler
+
+    s = SASolverScheduler(tau=1.0, tau_range=None)
+    s.set_timesteps(6)
+    zs = [torch.randn(latents.shape, generator=torch.Generator().manual_seed(10 + i)) for i in range(6)]
+    x, seen = latents.clone(), []
+    for t, z in zip(s.timesteps, zs):
+        x = s.step(torch.zeros_like(x) + 0.1 * x, t, x, variance_noise=z).prev_sample
+        seen.append(s._state.last_noise)
+    assert all(a is b for a, b in zip(seen, zs))
+    with pytest.raises(ValueError, match="tau_range must be None"):
+        SASolverScheduler(tau_range=[800, 200]).set_timesteps(4)
+    with pytest.raises(ValueError, match="predictor_order must be 1, 2, 3 or 4"):
+        SASolverScheduler(predictor_order=5).set_timesteps(4)
