@@ -210,9 +210,6 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
     a scheduler then carries the levels too, as ``learned_sigmas``)."""
     gradient_options = dict(gradient_options or {})
-    from fastsample.parameterization import convert
-    from fastsample.sampling import model_output, reference_states
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n = num_inference_steps
@@ -226,6 +223,15 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
                                    **gradient_options)
     if gradient_options:
         raise ValueError(f"{sorted(gradient_options)} only apply to method='gradient'")
+    return _learn_dp(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs)
+
+
+def _learn_dp(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs) -> LearnedSchedule:
+    """GITS-style dynamic programming: the n of the fine grid's levels whose first-order steps between the
+    teacher's states cost least."""
+    from fastsample.parameterization import convert
+    from fastsample.sampling import model_output, reference_states
+
     scheduler.set_timesteps(fine_steps)
     grid, fine_t = scheduler.grid, scheduler.timesteps.tolist()
     xs = reference_states(model, noise, scheduler, per_step, **model_kwargs)
@@ -251,7 +257,7 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     path = path[::-1]
     levels = [float(scheduler.sigmas[i]) for i in path]
     timesteps = [fine_t[i] for i in path[:-1]]
-    schedule = LearnedSchedule(timesteps, levels, type(scheduler).__name__, n, method, float(best[n, m]), None,
+    schedule = LearnedSchedule(timesteps, levels, type(scheduler).__name__, n, "dp", float(best[n, m]), None,
                                model_hash(model), {"fine_steps": fine_steps})
     if validation_noise is not None:
         schedule.validation_error = validation_error(model, scheduler, schedule, validation_noise, **model_kwargs)
@@ -382,14 +388,8 @@ class _Program:
         return x
 
 
-def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs,
-                    iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
-                    seed: int = 0, scales: bool = False, decouple_time: bool = False,
-                    eval_every: int = 10, target: torch.Tensor | None = None,
-                    validation: tuple | None = None) -> LearnedSchedule:
+def _check_gradient_options(iterations, eval_every, ball):
     import math
-
-    from fastsample.sampling import reference_states
 
     if not (isinstance(iterations, int) and iterations >= 1):
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
@@ -397,126 +397,181 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
     if not (ball >= 0 and math.isfinite(ball)):
         raise ValueError(f"ball must be a finite number >= 0, got {ball!r}")
-    scheduler.set_timesteps(n)
-    teleported = getattr(scheduler, "teleport_origin", None) is not None
+
+
+def _gradient_target(model, scheduler, noise, fine_steps, per_step, model_kwargs, target, teleported):
+    """The teacher's end points from ``noise``: ``target`` checked, or UniPC-3-style reference states on the fine
+    grid."""
+    from fastsample.sampling import reference_states
+
     if target is None:
         if teleported:
             raise ValueError("a teleporting scheduler needs target= (the converged end points of the full solve from "
                              "noise): the default teacher would start where the teleportation lands")
         scheduler.set_timesteps(fine_steps)
         with torch.no_grad():
-            target = reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
-    elif not (torch.is_tensor(target) and target.shape == noise.shape and bool(torch.isfinite(target).all())):
+            return reference_states(model, noise, scheduler, per_step, **model_kwargs)[-1]
+    if not (torch.is_tensor(target) and target.shape == noise.shape and bool(torch.isfinite(target).all())):
         raise ValueError(f"target must be the teacher's finite end points from noise, of shape {tuple(noise.shape)}, "
                          f"got {tuple(target.shape) if torch.is_tensor(target) else type(target).__name__}")
-    scheduler.set_timesteps(n)
-    grid = scheduler.grid  # with teleportation: the m = n - k steps left after the closed-form jump
-    m = grid.num_steps
-    lam = list(grid.lam)
-    if math.isfinite(lam[-1]):  # the last level is a fixed, finite end point: the inner levels stay below it
+    return target
+
+
+def _level_range(scheduler, lam) -> tuple[float, float]:
+    """(lo, cap): the lambdas between which a grid's inner levels lie.  The cap is the last level when it is finite,
+    else the trained range's end (a flow schedule's t_min = 0 is clean data: no cap there); a flow grid's first level
+    is pure noise (lambda = -inf), and there the levels lie below the level one training step short of it."""
+    import math
+
+    if math.isfinite(lam[-1]):
         cap = lam[-1]
-    else:  # the last step goes to sigma = 0: the inner levels stay at or below the trained range's end
+    else:
         t_min = torch.tensor(scheduler.schedule.t_min, dtype=torch.float64)
-        end = float(scheduler.schedule.lam(t_min))  # a flow schedule's t_min = 0 is clean data: no cap there
+        end = float(scheduler.schedule.lam(t_min))
         cap = max([v for v in lam if math.isfinite(v)] + ([end] if math.isfinite(end) else []))
-    program = _Program(scheduler, grid)
-    # the inner levels lie between the first level and the cap; a flow grid's first level is pure noise (lambda =
-    # -inf), and there they lie below the level one training step short of it, t = 1 - 1/T
     lo = lam[0]
     if not math.isfinite(lo):
         top = 1.0 - 1.0 / scheduler.config.num_train_timesteps
         lo = min(float(scheduler.schedule.lam(torch.tensor(top, dtype=torch.float64))), lam[1] - 1e-3)
-    gaps = torch.tensor([b - a for a, b in zip([lo] + lam[1:-1], lam[1:-1] + [cap])], dtype=torch.float64).clamp_min(1e-3)
-    theta = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
-    x_T = scheduler.prepare_latents(noise, n) if teleported else noise * scheduler.init_noise_sigma
-    delta = torch.zeros_like(x_T, requires_grad=True)
-    log_scales = torch.zeros(m, dtype=torch.float64, requires_grad=scales)
-    # decoupled model time: offsets of TIME_UNIT model-time units per unit of the parameter (so lr suits both)
-    offsets = torch.zeros(m, dtype=torch.float64, requires_grad=decouple_time)
-    params = [theta] + ([delta] if ball > 0 else []) + ([log_scales] if scales else []) + ([offsets] if decouple_time else [])
-    opt = torch.optim.Adam(params, lr=lr)
-    g = torch.Generator().manual_seed(seed)
+    return lo, cap
 
-    def inner(th):  # no step shorter than 1e-6 of the span, so a wild iterate cannot make a zero-length step
-        w = torch.softmax(th, 0).clamp_min(1e-6)
+
+class _GradientFit:
+    """The parameters of an LD3-style fit on a scheduler's grid: softmax weights ``theta`` of the inner levels'
+    gaps, the start-noise relaxation ``delta``, per-step ``log_scales`` and model-time ``offsets``."""
+
+    def __init__(self, model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation):
+        self.model, self.target, self.model_kwargs = model, target, model_kwargs
+        self.scales, self.decouple_time = scales, decouple_time
+        self.teleported = getattr(scheduler, "teleport_origin", None) is not None
+        grid = scheduler.grid  # with teleportation: the m = n - k steps left after the closed-form jump
+        self.m, self.lam = grid.num_steps, list(grid.lam)
+        self.lo, self.cap = _level_range(scheduler, self.lam)
+        self.program = _Program(scheduler, grid)
+        gaps = torch.tensor([b - a for a, b in zip([self.lo] + self.lam[1:-1], self.lam[1:-1] + [self.cap])],
+                            dtype=torch.float64).clamp_min(1e-3)
+        self.theta = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
+        start = scheduler.prepare_latents if self.teleported else lambda z, _: z * scheduler.init_noise_sigma
+        self.x_T = start(noise, n)
+        self.delta = torch.zeros_like(self.x_T, requires_grad=True)
+        self.log_scales = torch.zeros(self.m, dtype=torch.float64, requires_grad=scales)
+        # decoupled model time: offsets of TIME_UNIT model-time units per unit of the parameter (so lr suits both)
+        self.offsets = torch.zeros(self.m, dtype=torch.float64, requires_grad=decouple_time)
+        self.validation = None
+        if validation is not None:  # (noise, the teacher's end points from it): the iterate is chosen on these
+            val_noise, val_target = validation
+            if not (torch.is_tensor(val_noise) and torch.is_tensor(val_target) and val_noise.shape == val_target.shape
+                    and val_noise.shape[1:] == noise.shape[1:]):
+                raise ValueError("validation must be (noise, the teacher's end points from it), two tensors shaped "
+                                 "like the fitting noise")
+            self.validation = (start(val_noise, n), val_target)
+
+    def params(self, ball: float) -> list:
+        return ([self.theta] + ([self.delta] if ball > 0 else []) + ([self.log_scales] if self.scales else [])
+                + ([self.offsets] if self.decouple_time else []))
+
+    def inner(self):  # no step shorter than 1e-6 of the span, so a wild iterate cannot make a zero-length step
+        w = torch.softmax(self.theta, 0).clamp_min(1e-6)
         frac = torch.cumsum(w / w.sum(), 0)[:-1]
-        return lo + (cap - lo) * frac
+        return self.lo + (self.cap - self.lo) * frac
 
-    if validation is not None:  # (noise, the teacher's end points from it): the iterate is chosen on these
-        val_noise, val_target = validation
-        if not (torch.is_tensor(val_noise) and torch.is_tensor(val_target) and val_noise.shape == val_target.shape
-                and val_noise.shape[1:] == noise.shape[1:]):
-            raise ValueError("validation must be (noise, the teacher's end points from it), two tensors shaped like "
-                             "the fitting noise")
-        val_start = scheduler.prepare_latents(val_noise, n) if teleported else val_noise * scheduler.init_noise_sigma
+    def run(self, start, **model_kwargs):
+        vals = _GridValues.apply(self.inner(), self.program.values, 1e-6)
+        return self.program.run(self.model, start, vals, self.log_scales.exp() if self.scales else None,
+                                TIME_UNIT * self.offsets if self.decouple_time else None, **model_kwargs)
 
-    def full_loss(on_validation=validation is not None):  # every latent, without the ball's perturbation
-        start, goal = (val_start, val_target) if on_validation else (x_T, target)
+    def full_loss(self, on_validation: bool) -> float:  # every latent, without the ball's perturbation
+        start, goal = self.validation if on_validation else (self.x_T, self.target)
         with torch.no_grad():
-            x = program.run(model, start, _GridValues.apply(inner(theta), program.values, 1e-6),
-                            log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
-                            **({} if on_validation else model_kwargs))
+            x = self.run(start, **({} if on_validation else self.model_kwargs))
             return float((x - goal).double().square().mean())
 
+    def snapshot(self) -> tuple:
+        return self.theta.detach().clone(), self.log_scales.detach().clone(), self.offsets.detach().clone()
+
+    def restore(self, snapshot) -> None:
+        with torch.no_grad():
+            for param, value in zip((self.theta, self.log_scales, self.offsets), snapshot):
+                param.copy_(value)
+
+    def batch_loss(self, idx, ball: float):
+        start = self.x_T[idx] + (self.delta[idx] if ball > 0 else 0)
+        kw = {k: (v[idx] if torch.is_tensor(v) and v.ndim and len(v) == len(self.x_T) else v)
+              for k, v in self.model_kwargs.items()}
+        return (self.run(start, **kw) - self.target[idx]).double().square().mean()
+
+    def project_ball(self, ball: float) -> None:
+        with torch.no_grad():
+            limit = ball * self.x_T.flatten(1).norm(dim=1)
+            norm = self.delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            self.delta.mul_((limit / norm).clamp(max=1.0).view(-1, *[1] * (self.delta.ndim - 1)))
+
+
+def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation_noise, model_kwargs,
+                    iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
+                    seed: int = 0, scales: bool = False, decouple_time: bool = False,
+                    eval_every: int = 10, target: torch.Tensor | None = None,
+                    validation: tuple | None = None) -> LearnedSchedule:
+    _check_gradient_options(iterations, eval_every, ball)
+    scheduler.set_timesteps(n)
+    teleported = getattr(scheduler, "teleport_origin", None) is not None
+    target = _gradient_target(model, scheduler, noise, fine_steps, per_step, model_kwargs, target, teleported)
+    scheduler.set_timesteps(n)
+    fit = _GradientFit(model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation)
+    opt = torch.optim.Adam(fit.params(ball), lr=lr)
+    g = torch.Generator().manual_seed(seed)
     # the fit returns the best iterate on the whole fitting set (or on ``validation``, which guards against fitting
     # the fitting set's outliers), checked every ``eval_every`` iterations; the first check is the starting grid, so
     # the fit can never leave it worse than where it started on that set
-    losses, best = [], (full_loss(), theta.detach().clone(), log_scales.detach().clone(), offsets.detach().clone(), 0)
-    initial_loss = full_loss(False)  # on the fitting set
+    on_validation = validation is not None
+    losses, best = [], (fit.full_loss(on_validation), fit.snapshot(), 0)
+    initial_loss = fit.full_loss(False)  # on the fitting set
     for it in range(iterations):
-        idx = torch.randperm(len(noise), generator=g)[:batch_size]
-        vals = _GridValues.apply(inner(theta), program.values, 1e-6)
-        start = x_T[idx] + (delta[idx] if ball > 0 else 0)
-        kw = {k: (v[idx] if torch.is_tensor(v) and v.ndim and len(v) == len(noise) else v) for k, v in model_kwargs.items()}
-        x = program.run(model, start, vals, log_scales.exp() if scales else None,
-                        TIME_UNIT * offsets if decouple_time else None, **kw)
-        loss = (x - target[idx]).double().square().mean()
+        loss = fit.batch_loss(torch.randperm(len(noise), generator=g)[:batch_size], ball)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if ball > 0:
-            with torch.no_grad():
-                limit = ball * x_T.flatten(1).norm(dim=1)
-                norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-                delta.mul_((limit / norm).clamp(max=1.0).view(-1, *[1] * (delta.ndim - 1)))
+            fit.project_ball(ball)
         losses.append(loss.item())
         if (it + 1) % eval_every == 0 or it + 1 == iterations:
-            current = full_loss()
+            current = fit.full_loss(on_validation)
             if current < best[0]:
-                best = (current, theta.detach().clone(), log_scales.detach().clone(), offsets.detach().clone(), it + 1)
-    with torch.no_grad():
-        theta.copy_(best[1])
-        log_scales.copy_(best[2])
-        offsets.copy_(best[3])
-        lams = [lam[0]] + inner(theta).tolist()
-        levels = [math.exp(-v) for v in lams] + [program.end]
-        fitted = program.grid(lams[1:])
-        times = [float(program.model_time(fitted)(i)) + TIME_UNIT * float(offsets[i]) for i in range(m)]
-        x = program.run(model, x_T, _GridValues.apply(inner(theta), program.values, 1e-6),
-                        log_scales.exp() if scales else None, TIME_UNIT * offsets if decouple_time else None,
-                        **model_kwargs)
-        train_loss = float((x - target).double().square().mean())
-    sigmas, fitted_scales = _scheduler_units(scheduler, levels), log_scales.exp().tolist() if scales else None
-    if teleported:  # the schedule covers all n steps: the k teleported levels as they were, then the fitted ones
-        plain = type(scheduler).from_config({**scheduler.config, "teleport_fraction": 0.0, "teleport_sigma": None})
-        plain.set_timesteps(n)
-        k = n - m
-        times, sigmas = [float(v) for v in plain.timesteps[:k]] + times, [float(v) for v in plain.sigmas[:k]] + sigmas
-        fitted_scales = None if fitted_scales is None else [1.0] * k + fitted_scales
-    schedule = LearnedSchedule(times, sigmas, type(scheduler).__name__, n, "gradient", train_loss, None,
-                               model_hash(model), {"iterations": iterations, "lr": lr, "ball": ball,
-                                                   "first_loss": losses[0], "fine_steps": fine_steps,
-                                                   "best_iteration": best[4], "initial_loss": initial_loss,
-                                                   "selected_on": "validation" if validation is not None else "fit",
-                                                   "selection_loss": best[0],
-                                                   "decoupled_time": decouple_time, "teleported_steps": n - m,
-                                                   "teleport_fraction": scheduler.config.get("teleport_fraction")
-                                                   if teleported else None},
-                               fitted_scales)
+                best = (current, fit.snapshot(), it + 1)
+    fit.restore(best[1])
+    extra = {"iterations": iterations, "lr": lr, "ball": ball, "first_loss": losses[0], "fine_steps": fine_steps,
+             "best_iteration": best[2], "initial_loss": initial_loss,
+             "selected_on": "validation" if on_validation else "fit", "selection_loss": best[0],
+             "decoupled_time": decouple_time, "teleported_steps": n - fit.m,
+             "teleport_fraction": scheduler.config.get("teleport_fraction") if teleported else None}
+    schedule = _fitted_schedule(fit, scheduler, n, extra)
     if validation_noise is not None and not teleported:
         schedule.validation_error = validation_error(model, scheduler, schedule, validation_noise, **model_kwargs)
     scheduler.set_timesteps(**schedule.grid_kwargs())
     return schedule
+
+
+def _fitted_schedule(fit: _GradientFit, scheduler, n: int, extra: dict) -> LearnedSchedule:
+    """The fit's current parameters as a LearnedSchedule over all n steps (a teleporting scheduler's k teleported
+    levels as they were, then the fitted ones)."""
+    import math
+
+    with torch.no_grad():
+        lams = [fit.lam[0]] + fit.inner().tolist()
+        levels = [math.exp(-v) for v in lams] + [fit.program.end]
+        fitted = fit.program.grid(lams[1:])
+        times = [float(fit.program.model_time(fitted)(i)) + TIME_UNIT * float(fit.offsets[i]) for i in range(fit.m)]
+        x = fit.run(fit.x_T, **fit.model_kwargs)
+        train_loss = float((x - fit.target).double().square().mean())
+    sigmas, fitted_scales = _scheduler_units(scheduler, levels), fit.log_scales.exp().tolist() if fit.scales else None
+    if fit.teleported:
+        plain = type(scheduler).from_config({**scheduler.config, "teleport_fraction": 0.0, "teleport_sigma": None})
+        plain.set_timesteps(n)
+        k = n - fit.m
+        times, sigmas = [float(v) for v in plain.timesteps[:k]] + times, [float(v) for v in plain.sigmas[:k]] + sigmas
+        fitted_scales = None if fitted_scales is None else [1.0] * k + fitted_scales
+    return LearnedSchedule(times, sigmas, type(scheduler).__name__, n, "gradient", train_loss, None,
+                           model_hash(fit.model), extra, fitted_scales)
 
 
 def _scheduler_units(scheduler, levels_ve) -> list:
