@@ -143,7 +143,7 @@ def arguments(p):
     p.add_argument("--export", action="store_true", help="only export the checkpoint's EMA weights to the package")
 
 
-def run(args, p):
+def _check(args, p) -> None:
     for name in ("steps", "batch_size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -163,6 +163,45 @@ def run(args, p):
             dataset_root(args.data)
         except FileNotFoundError as e:
             p.error(str(e))
+
+
+def _prepare(args, out, acc):
+    """The network (channels_last, prepared by accelerate), AdamW and the EMA weights, resumed from ``out``: returns
+    (model, forward, opt, ema, step, phase)."""
+    torch.manual_seed(args.seed)
+    model = zoo.build(args.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in model.named_parameters()}
+    step, phase = load(out, model, ema, opt, from_ema=args.restart_from_ema)
+    torch.nn.Module.to(model, memory_format=torch.channels_last)  # ~2x faster CPU convolutions; torch's own .to:
+    # diffusers' override warns about dtype casts, and this casts nothing
+    model, opt = acc.prepare(model, opt)
+    forward = torch.compile(model) if args.compile else model
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return model, forward, opt, {k: v.to(acc.device) for k, v in ema.items()}, step, phase
+
+
+def _batch(args, step, acc, images, labels, abar, num_classes):
+    """Step ``step``'s batch, from a generator seeded with (seed, step, process): (x_t, t, noise, abar_t, kwargs)."""
+    device = acc.device
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * (acc.num_processes) + acc.process_index)
+    idx = torch.randint(0, len(images), (args.batch_size,), generator=g)
+    x0 = images[idx]
+    t = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    a = abar[t].view(-1, 1, 1, 1)
+    kw = {}
+    if num_classes:
+        y = labels[idx].clone()
+        y[torch.rand(len(y), generator=g).to(device) < args.label_dropout] = zoo.NULL_LABEL
+        kw["class_labels"] = y
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, a, kw
+
+
+def run(args, p):
+    _check(args, p)
     out = Path(args.out or f"checkpoints/{args.model}")
     if args.export:
         return export(out, args.model)
@@ -170,55 +209,24 @@ def run(args, p):
 
     acc = Accelerator()
     images, labels = load_fashion_mnist("train", args.data)
-    num_classes = zoo.MODEL_CONFIGS[args.model][1]
-    torch.manual_seed(args.seed)
-    model = zoo.build(args.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    ema = {k: v.detach().clone() for k, v in model.named_parameters()}
-    step, phase = load(out, model, ema, opt, from_ema=args.restart_from_ema)
+    model, forward, opt, ema, step, phase = _prepare(args, out, acc)
     if step >= args.steps:
         print(f"{out} is at step {step}, not below --steps {args.steps}: nothing to do")
         return 0
-    torch.nn.Module.to(model, memory_format=torch.channels_last)  # ~2x faster CPU convolutions; torch's own .to:
-    # diffusers' override warns about dtype casts, and this casts nothing
-    model, opt = acc.prepare(model, opt)
-    forward = torch.compile(model) if args.compile else model
-    device = acc.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ema = {k: v.to(device) for k, v in ema.items()}
     named = list(acc.unwrap_model(model).named_parameters())
     ema_params, live = [ema[k] for k, _ in named], [v for _, v in named]
-    abar = torch.cumprod(1 - make_betas(), 0).to(device)  # diffusers' float32 training schedule
-    images, labels = images.to(device), labels.to(device)
+    abar = torch.cumprod(1 - make_betas(), 0).to(acc.device)  # diffusers' float32 training schedule
+    images, labels = images.to(acc.device), labels.to(acc.device)
     stop = {"now": False}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.update(now=True))
-    log = out / "log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "log.jsonl", acc.is_main_process)
     guard = LossGuard(args.diverge_factor)
     losses, pending, start, start_step, last_commit = [], [], time.time(), step, time.time()
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_main_process, desc=args.model)
-
-    def record(entry):
-        if acc.is_main_process:
-            with log.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-
     while step < args.steps and not stop["now"]:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * (acc.num_processes) + acc.process_index)
-        idx = torch.randint(0, len(images), (args.batch_size,), generator=g)
-        x0 = images[idx]
-        t = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        kw = {}
-        if num_classes:
-            y = labels[idx].clone()
-            y[torch.rand(len(y), generator=g).to(device) < args.label_dropout] = zoo.NULL_LABEL
-            kw["class_labels"] = y
+        xt, t, noise, a, kw = _batch(args, step, acc, images, labels, abar, zoo.MODEL_CONFIGS[args.model][1])
         lr = lr_at(step, lr=args.lr, total=args.steps, schedule=args.lr_schedule, final=args.lr_final,
                    warmup=args.warmup, **phase)
         for group in opt.param_groups:
@@ -236,13 +244,12 @@ def run(args, p):
         over_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
         saving = step % args.save_every == 0 or step == args.steps or over_time or stop["now"]
         if len(pending) == 50 or saving:  # one device sync per 50 steps, not per step
-            window = torch.stack(pending).tolist()
-            pending = []
+            window, pending = torch.stack(pending).tolist(), []
             reason = guard.check(window)
             if reason is None and saving and not all_finite(ema_params + live):
                 reason = "the weights are not finite"
             if reason is not None:
-                record({"step": step, "event": "stopped", "reason": reason})
+                log({"step": step, "event": "stopped", "reason": reason})
                 bar.close()
                 print(f"stopped at step {step}: {reason}; the last good checkpoint in {out} is kept", file=sys.stderr)
                 return STOPPED_BY_GUARD
@@ -251,18 +258,30 @@ def run(args, p):
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
         if acc.is_main_process and saving:
             save(out, acc.unwrap_model(model), ema, opt, step, args, losses, phase)
-            rate = (step - start_step) / (time.time() - start)
-            record({"step": step, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
-                    "steps_per_s": round(rate, 3), "wall_s": round(time.time() - start, 1)})
+            log({"step": step, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
+                 "steps_per_s": round((step - start_step) / (time.time() - start), 3),
+                 "wall_s": round(time.time() - start, 1)})
             if args.commit_every_minutes is not None and time.time() - last_commit > 60 * args.commit_every_minutes:
                 problem = git_commit(out, step, args.model)
-                record({"step": step, "event": "committed" if problem is None else f"commit failed: {problem}"})
+                log({"step": step, "event": "committed" if problem is None else f"commit failed: {problem}"})
                 last_commit = time.time() if problem is None else last_commit
         if over_time:
             break
     bar.close()
     print(f"stopped at step {step}; checkpoint in {out}")
     return 0
+
+
+class _Log:
+    """The run's JSONL event log (written by the main process only)."""
+
+    def __init__(self, path: Path, main: bool):
+        self.path, self.main = path, main
+
+    def __call__(self, entry: dict) -> None:
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 def main(argv=None):
