@@ -155,10 +155,6 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
     base, variant, argument = parse_scheduler_name(name)
     import diffusers
 
-    import fastsample.solvers
-
-    from .zoo import MODELS_DIR
-
     flow = bool(model and model.endswith(FLOW)) if flow is None else flow
     table = schedulers()
     source, cls_name, cfg = table[base]
@@ -178,42 +174,64 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
     if variant == "spacing":
         return cls(**base_config, **cfg, spacing=argument)
     if variant == "teleport":
-        if teleport_stats is None and (model is None or model == TESTBED):
-            raise ValueError(f"scheduler {name!r} needs teleport statistics or a zoo model, got model {model!r}")
-        stats = str(teleport_stats if teleport_stats is not None else MODELS_DIR / "fmnist-gaussian.safetensors")
-        if argument != "auto":
-            return cls(**base_config, **cfg, teleport_stats=stats, teleport_fraction=argument)
-        if model_fn is None or nfe is None:
-            raise ValueError(f"scheduler {name!r} chooses its fraction with the model: pass model_fn and nfe")
-        from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
-
-        gauss = GaussianStats.load(stats)
-        probes = torch.randn(TELEPORT_PROBES, *gauss.shape, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            fraction, _ = choose_teleport_fraction(model_fn, cls(**base_config, **cfg), gauss, nfe, probes)
-        return cls(**base_config, **cfg, teleport_stats=stats, teleport_fraction=fraction)
+        return _teleport_scheduler(name, cls, {**base_config, **cfg}, argument, model, nfe, teleport_stats, model_fn)
     if model is None or model == TESTBED:
         raise ValueError(f"scheduler {name!r} needs a zoo model's fitted artefacts, got model {model!r}")
-    artefacts = Path(artefacts)
     if variant == "dc":
-        folder = artefacts / "dc" / artefact_name(model) / f"nfe{nfe}-cfg1"
-        if not (folder / "scheduler_config.json").is_file():
-            raise FileNotFoundError(f"no DC-Solver fit for {model} at NFE {nfe} ({folder}); fit it with: "
-                                    f"python scripts/fit_dc.py --model {model} --nfe {nfe}")
-        scheduler = fastsample.solvers.DCSolverScheduler.from_pretrained(folder)
-        if scheduler.config.base_solver != DC_BASES[base] or scheduler.config.solver_order != cfg["solver_order"]:
-            raise ValueError(f"{folder} holds a fit for base_solver={scheduler.config.base_solver!r}, order "
-                             f"{scheduler.config.solver_order}, not {name!r}")
-        return scheduler
+        return _dc_scheduler(name, base, cfg, Path(artefacts) / "dc" / artefact_name(model) / f"nfe{nfe}-cfg1", model,
+                             nfe)
+    return _learned_scheduler(cls, {**base_config, **cfg}, Path(artefacts), model, nfe, base, argument, weights,
+                              teleport_stats, flow)
+
+
+def _shipped_stats(teleport_stats) -> str:
+    from .zoo import MODELS_DIR
+
+    return str(teleport_stats if teleport_stats is not None else MODELS_DIR / "fmnist-gaussian.safetensors")
+
+
+def _teleport_scheduler(name, cls, config, argument, model, nfe, teleport_stats, model_fn):
+    """":teleport<F>" (or ":teleport-auto": F chosen for this NFE on TELEPORT_PROBES noises through ``model_fn``)."""
+    if teleport_stats is None and (model is None or model == TESTBED):
+        raise ValueError(f"scheduler {name!r} needs teleport statistics or a zoo model, got model {model!r}")
+    stats = _shipped_stats(teleport_stats)
+    if argument != "auto":
+        return cls(**config, teleport_stats=stats, teleport_fraction=argument)
+    if model_fn is None or nfe is None:
+        raise ValueError(f"scheduler {name!r} chooses its fraction with the model: pass model_fn and nfe")
+    from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
+
+    gauss = GaussianStats.load(stats)
+    probes = torch.randn(TELEPORT_PROBES, *gauss.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fraction, _ = choose_teleport_fraction(model_fn, cls(**config), gauss, nfe, probes)
+    return cls(**config, teleport_stats=stats, teleport_fraction=fraction)
+
+
+def _dc_scheduler(name, base, cfg, folder: Path, model, nfe):
+    """":dc": the DC-Solver fit of the zoo model at this NFE."""
+    import fastsample.solvers
+
+    if not (folder / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"no DC-Solver fit for {model} at NFE {nfe} ({folder}); fit it with: "
+                                f"python scripts/fit_dc.py --model {model} --nfe {nfe}")
+    scheduler = fastsample.solvers.DCSolverScheduler.from_pretrained(folder)
+    if scheduler.config.base_solver != DC_BASES[base] or scheduler.config.solver_order != cfg["solver_order"]:
+        raise ValueError(f"{folder} holds a fit for base_solver={scheduler.config.base_solver!r}, order "
+                         f"{scheduler.config.solver_order}, not {name!r}")
+    return scheduler
+
+
+def _learned_scheduler(cls, config, artefacts: Path, model, nfe, base, argument, weights, teleport_stats, flow):
+    """":learned[-<fit>]": the learned schedule of the zoo model at this NFE, checked against ``weights``."""
     from fastsample.solvers.learned_schedule import LearnedSchedule, model_hash
 
     path = artefacts / "schedules" / artefact_name(model) / f"{LEARNED_STEMS[base]}-nfe{nfe}{argument}.json"
     if not path.is_file():
-        order = cfg["solver_order"]
         solver = {"DPMSolverPlusPlusScheduler": "dpmsolver++", "UniPCScheduler": "unipc", "DEISScheduler": "deis"}
         raise FileNotFoundError(f"no learned schedule for {model} at NFE {nfe} ({path}); fit it with: python "
-                                f"scripts/learn_schedule.py --model {model} --scheduler {solver[cls_name]} "
-                                f"--order {order} --nfe {nfe} --out {path.parent}"
+                                f"scripts/learn_schedule.py --model {model} --scheduler {solver[cls.__name__]} "
+                                f"--order {config['solver_order']} --nfe {nfe} --out {path.parent}"
                                 + (" --parameterization flow" if flow else ""))
     schedule = LearnedSchedule.load(path)
     if weights is not None and schedule.model_hash != model_hash(weights):
@@ -221,10 +239,9 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
                          f"{model_hash(weights)!r}): refit it")
     teleport = {}
     if schedule.extra.get("teleport_fraction"):  # fitted after a teleportation: the base teleports the same share
-        teleport = {"teleport_stats": str(teleport_stats if teleport_stats is not None
-                                          else MODELS_DIR / "fmnist-gaussian.safetensors"),
+        teleport = {"teleport_stats": _shipped_stats(teleport_stats),
                     "teleport_fraction": schedule.extra["teleport_fraction"]}
-    return schedule.scheduler(cls(**base_config, **cfg, **teleport))
+    return schedule.scheduler(cls(**config, **teleport))
 
 
 def noise_for(indices, shape, seed: int) -> torch.Tensor:
