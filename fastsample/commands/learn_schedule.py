@@ -85,28 +85,44 @@ def arguments(p):
     p.add_argument("--out", type=cli.output("dir"), default=None)
 
 
-def run(args, p):
+def _check(args, p) -> None:
     if args.method == "dp":  # the gradient method's options would be ignored silently
         given = [f"--{k.replace('_', '-')}" for k in GRADIENT_OPTIONS if getattr(args, k) != p.get_default(k)]
         if given:
             p.error(f"{', '.join(given)} apply to --method gradient only (the dp method fits the levels alone)")
-    unet = zoo.load(args.model, parameterization=args.parameterization)
-    flow = args.parameterization == "flow"
-    config = zoo.FLOW_CONFIG if flow else zoo.SCHEDULER_CONFIG
+    if args.teleport_fraction is not None and (args.method != "gradient" or not 0 < args.teleport_fraction < 1):
+        p.error("--teleport-fraction needs --method gradient and a fraction in (0, 1)")
+
+
+def _model_and_noise(args, unet):
+    """The model the fit calls (CFG for a conditional model, class labels as a keyword so that mini-batches slice
+    them), and the fitting and held-out noise with their keywords."""
     classes = zoo.MODEL_CONFIGS[args.model][1]
     g = torch.Generator().manual_seed(args.seed)
     train = torch.randn(args.num, 1, 32, 32, generator=g)
     held_out = torch.randn(args.validation, 1, 32, 32, generator=g)
-
-    if classes:  # class labels as a model keyword, so that the gradient method's mini-batches slice them
+    if classes:
         model = ClassifierFreeGuidance(unet, torch.zeros(0, dtype=torch.long), args.guidance_scale, zoo.NULL_LABEL)
-        train_kw = {"class_labels": torch.arange(args.num) % classes}
-        held_kw = {"class_labels": torch.arange(args.validation) % classes}
-    else:
-        model, train_kw, held_kw = model_fn(unet), {}, {}
+        return model, train, held_out, {"class_labels": torch.arange(args.num) % classes}, \
+            {"class_labels": torch.arange(args.validation) % classes}
+    return model_fn(unet), train, held_out, {}, {}
+
+
+def _name(args, nfe: int) -> str:
+    return f"{args.scheduler}{args.order}-nfe{nfe}" + (
+        "" if args.method == "dp" else "-gradient" + "-scales" * args.scales + "-time" * args.decouple_time
+        + (f"-teleport{args.teleport_fraction:g}" if args.teleport_fraction is not None else ""))
+
+
+def run(args, p):
+    _check(args, p)
+    unet = zoo.load(args.model, parameterization=args.parameterization)
+    flow = args.parameterization == "flow"
+    config = zoo.FLOW_CONFIG if flow else zoo.SCHEDULER_CONFIG
+    classes = zoo.MODEL_CONFIGS[args.model][1]
+    model, train, held_out, train_kw, held_kw = _model_and_noise(args, unet)
     options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
                "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every}
-
     out = Path(args.out or f"schedules/{args.model}{'-flow' if flow else ''}")
     out.mkdir(parents=True, exist_ok=True)
     # the held-out teacher, once for every NFE: 4 UniPC-3 steps through each interval of the fine grid, the interval
@@ -124,12 +140,8 @@ def run(args, p):
             options["validation"] = (held_out, reference)
         teacher_seconds = round(time.time() - start, 1)
         print(f"fitting teacher ({args.num} latents): {teacher_seconds} s", flush=True)
-    teleport = {}
-    if args.teleport_fraction is not None:
-        if args.method != "gradient" or not 0 < args.teleport_fraction < 1:
-            p.error("--teleport-fraction needs --method gradient and a fraction in (0, 1)")
-        teleport = {"teleport_stats": str(zoo.MODELS_DIR / "fmnist-gaussian.safetensors"),
-                    "teleport_fraction": args.teleport_fraction}
+    teleport = {} if args.teleport_fraction is None else {
+        "teleport_stats": str(zoo.MODELS_DIR / "fmnist-gaussian.safetensors"), "teleport_fraction": args.teleport_fraction}
     for nfe in args.nfe:
         sch = make_scheduler(args.scheduler, **config, solver_order=args.order, **teleport)
         start = time.time()
@@ -146,9 +158,7 @@ def run(args, p):
         s.model_hash = model_hash(unet)  # the fit saw a wrapper (a lambda or CFG): the weights are the unet's
         s.extra.update(model=args.model, fit_seconds=round(took, 1), teacher_seconds=teacher_seconds,
                        guidance_scale=args.guidance_scale if classes else None)
-        name = f"{args.scheduler}{args.order}-nfe{nfe}" + (
-            "" if args.method == "dp" else "-gradient" + "-scales" * args.scales + "-time" * args.decouple_time
-            + (f"-teleport{args.teleport_fraction:g}" if teleport else ""))
+        name = _name(args, nfe)
         s.save(out / f"{name}.json")
         s.scheduler(sch).save_pretrained(out / name)
         print(f"{name}: timesteps {s.timesteps}, held-out error {s.validation_error:.4f}, fit {took:.1f} s", flush=True)
