@@ -51,7 +51,7 @@ CASES = [  # F14: zero or negative counts crashed deep inside six scripts
     # F18: flags that would be ignored silently
     ("learn_schedule", ["--method", "dp", "--scales"], "--scales apply to --method gradient only"),
     ("learn_schedule", ["--iterations", "5", "--lr", "0.1"], "--iterations, --lr apply to --method gradient only"),
-    ("learn_schedule", ["--teleport-fraction", "0.2"], "--teleport-fraction needs --method gradient"),  # before the teachers
+    ("learn_schedule", ["--method", "gradient", "--teleport-fraction", "0"], "a fraction in \\(0, 1\\)"),  # before the teachers
     ("teleport_stats", ["--nfe", "5"], "--nfe choose the teleport fraction for --model, which was not given"),
     ("teleport_stats", ["--data", "/nonexistent", "--out", "/tmp/fastsample-new-stats.safetensors"],
      "the Fashion-MNIST folder given"),
