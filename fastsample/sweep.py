@@ -72,7 +72,7 @@ REFERENCE_CACHE = Path.home() / ".cache" / "fastsample" / "references"  # conver
 
 # Variants of our schedulers, named "<base>:<variant>", that use what was fitted or computed for a zoo model:
 #   "<base>:dc"           DC-Solver ratios fitted at this NFE: <artefacts>/dc/<model>/nfe<N>-cfg1 (scripts/fit_dc.py)
-#   "<base>:learned"      the learned schedule for this NFE: <artefacts>/schedules/<model>/<stem>-nfe<N>.json
+#   "<base>:learned"      the learned schedule for this NFE: <artefacts>/learned/<model>/<stem>-nfe<N>.json
 #                         (scripts/learn_schedule.py's dp fit; ":learned-gradient-scales" etc. name its other
 #                         fits' files); its weights hash must match the model's
 #   "<base>:<spacing>"    one of our schedulers with another step spacing (fastsample.timesteps.SPACINGS), e.g.
@@ -81,7 +81,7 @@ REFERENCE_CACHE = Path.home() / ".cache" / "fastsample" / "references"  # conver
 #                         Fashion-MNIST statistics: N steps, fewer model calls (the record's model_calls)
 DC_BASES = {"unipc3": "unipc"}
 LEARNED_STEMS = {"unipc3": "unipc3", "dpm++3m": "dpmsolver++3", "dpm++2m": "dpmsolver++2", "deis-tab3": "deis3"}
-ARTEFACTS = Path(__file__).resolve().parent.parent  # the checkout: dc/ and schedules/ beside the package
+ARTEFACTS = Path(__file__).resolve().parent.parent  # the checkout: dc/ and learned/ beside the package
 
 
 def parse_scheduler_name(name: str) -> tuple[str, str | None, float | str | None]:
@@ -226,7 +226,7 @@ def _learned_scheduler(cls, config, artefacts: Path, model, nfe, base, argument,
     """":learned[-<fit>]": the learned schedule of the zoo model at this NFE, checked against ``weights``."""
     from fastsample.solvers.learned_schedule import LearnedSchedule, model_hash
 
-    path = artefacts / "schedules" / artefact_name(model) / f"{LEARNED_STEMS[base]}-nfe{nfe}{argument}.json"
+    path = artefacts / "learned" / artefact_name(model) / f"{LEARNED_STEMS[base]}-nfe{nfe}{argument}.json"
     if not path.is_file():
         solver = {"DPMSolverPlusPlusScheduler": "dpmsolver++", "UniPCScheduler": "unipc", "DEISScheduler": "deis"}
         raise FileNotFoundError(f"no learned schedule for {model} at NFE {nfe} ({path}); fit it with: python "
@@ -255,7 +255,7 @@ def noise_for(indices, shape, seed: int) -> torch.Tensor:
 #   {"name": "unipc3:learned"}                                   a name above (or a variant, see parse_scheduler_name)
 #   {"class": "diffusers.UniPCMultistepScheduler", "kwargs": {...}}   any scheduler class of diffusers or fastsample,
 #                                                                on the zoo's training config updated by kwargs
-#   {"folder": "schedules/fmnist-large/unipc3-nfe{nfe}"}        a save_pretrained folder ("{nfe}": the cell's NFE)
+#   {"folder": "learned/fmnist-large/unipc3-nfe{nfe}"}        a save_pretrained folder ("{nfe}": the cell's NFE)
 # plus, on a zoo model, "tstitch": {"small": "fmnist-small", "fraction": 0.4} (the first 40% of the steps on the
 # small model) and an optional display "label".  In a sweep or a plan, a dict row may also carry "nfe": [...], its
 # own NFE list in place of the sweep's (not part of the spec).  On the command line a row is the name, the folder path, or

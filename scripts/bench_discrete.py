@@ -17,7 +17,7 @@ digits, bootstrap SE; NLL under an EM mixture of the training digits).  diffuser
 temperature 1 (ancestral) and 0 (the pipelines' greedy default).
 
 Every cell is one JSONL record, written as it finishes: a killed run resumes where it stopped.  Fitted coefficients
-are written to schedules/lsd/<part>-<corruption>-<method>-<steps>.json.
+are written to learned/lsd/<part>-<corruption>-<method>-<steps>.json.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from fastsample.results import ResultsFile, read_records
 from fastsample.testbeds import CategoricalMixture
 
 OUT = Path("results/discrete")
-ARTEFACTS = Path("schedules/lsd")
+ARTEFACTS = Path("learned/lsd")
 STEPS = (4, 8, 16)
 TEACHER = 256
 FITS = {  # method -> fit_lsd keywords

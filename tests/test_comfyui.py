@@ -59,5 +59,5 @@ def test_our_sampler_runs_through_comfyuis_ksampler(comfy):
     assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
     (adaptive,) = nodes.FastsampleAdaptiveSampler().get_sampler("unipc3", 0.01, 0.0016)
     assert torch.isfinite(adaptive.sample(model, sig, {"seed": 0}, None, noise.clone())).all()
-    (learned,) = nodes.FastsampleLearnedSigmas().get_sigmas(str(ROOT / "schedules" / "fmnist-large" / "unipc3-nfe5.json"))
+    (learned,) = nodes.FastsampleLearnedSigmas().get_sigmas(str(ROOT / "learned" / "fmnist-large" / "unipc3-nfe5.json"))
     assert learned.shape == (6,) and float(learned[-1]) == 0.0

@@ -125,7 +125,7 @@ def test_variant_names_are_checked(name, match, tmp_path):
 
 
 def test_dc_and_learned_variants_load_the_fitted_artefacts(tmp_path):
-    """":dc" loads <artefacts>/dc/<model>/nfe<N>-cfg1, ":learned" <artefacts>/schedules/<model>/<stem>-nfe<N>.json
+    """":dc" loads <artefacts>/dc/<model>/nfe<N>-cfg1, ":learned" <artefacts>/learned/<model>/<stem>-nfe<N>.json
     and refuses a schedule learned for other weights; a missing fit names the command that makes it."""
     from fastsample import zoo
     from fastsample.solvers import DCSolverScheduler, UniPCScheduler
@@ -145,8 +145,8 @@ def test_dc_and_learned_variants_load_the_fitted_artefacts(tmp_path):
     ref.set_timesteps(timesteps=steps)
     schedule = LearnedSchedule(steps, [float(s) for s in ref.sigmas], "UniPCScheduler", 5, "dp", 0.0, None,
                                model_hash(unet))
-    (tmp_path / "schedules/fmnist-small").mkdir(parents=True)
-    schedule.save(tmp_path / "schedules/fmnist-small/unipc3-nfe5.json")
+    (tmp_path / "learned/fmnist-small").mkdir(parents=True)
+    schedule.save(tmp_path / "learned/fmnist-small/unipc3-nfe5.json")
     learned = make_named_scheduler("unipc3:learned", "fmnist-small", 5, weights=unet, artefacts=tmp_path)
     learned.set_timesteps(5)
     assert [int(t) for t in learned.timesteps] == schedule.timesteps

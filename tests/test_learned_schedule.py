@@ -359,7 +359,7 @@ def test_a_shipped_schedule_used_with_other_weights_warns(tmp_path):
 
     from fastsample import sample
 
-    root = Path(__file__).resolve().parent.parent / "schedules" / "fmnist-large"
+    root = Path(__file__).resolve().parent.parent / "learned" / "fmnist-large"
     shipped = sorted(root.glob("*.json"))
     assert shipped
     torch.manual_seed(0)

@@ -231,7 +231,7 @@ def test_shipped_statistics_are_named_not_copied(tmp_path):
     noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(UniPCScheduler.from_pretrained(tmp_path).prepare_latents(noise, 10), s.prepare_latents(noise, 10))
     root = Path(__file__).resolve().parent.parent
-    for f in (root / "schedules").glob("*/*/scheduler_config.json"):
+    for f in (root / "learned").glob("*/*/scheduler_config.json"):
         value = json.loads(f.read_text()).get("teleport_stats")
         assert value is None or not Path(value).is_absolute(), f
 

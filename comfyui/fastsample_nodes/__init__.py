@@ -95,7 +95,7 @@ class FastsampleLearnedSigmas:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"schedule": ("STRING", {"default": "schedules/fmnist-large/unipc3-nfe5.json"})}}
+        return {"required": {"schedule": ("STRING", {"default": "learned/fmnist-large/unipc3-nfe5.json"})}}
 
     def get_sigmas(self, schedule):
         from fastsample.solvers.learned_schedule import LearnedSchedule

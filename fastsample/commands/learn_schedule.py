@@ -1,10 +1,10 @@
 """Learn time schedules for a zoo model against a many-step teacher: GITS-style dynamic programming ("dp") or
 LD3-style optimisation through the solver ("gradient", optionally with per-step prediction scales).
 
-    python scripts/learn_schedule.py --model fmnist-large --scheduler unipc --nfe 4 5 6 8 10 --out schedules/fmnist-large
+    python scripts/learn_schedule.py --model fmnist-large --scheduler unipc --nfe 4 5 6 8 10 --out learned/fmnist-large
     python scripts/learn_schedule.py --model fmnist-large --method gradient --scales --nfe 5
     python scripts/learn_schedule.py --model fmnist-large --method gradient --scales --teleport-fraction 0.2 --nfe 6
-    python scripts/learn_schedule.py --model fmnist-cond --guidance-scale 3 --nfe 5 --out schedules/fmnist-cond
+    python scripts/learn_schedule.py --model fmnist-cond --guidance-scale 3 --nfe 5 --out learned/fmnist-cond
 
 Writes <out>/<scheduler>-nfe<N>.json (LearnedSchedule) and a scheduler folder <out>/<scheduler>-nfe<N>/ carrying it
 (``learned_timesteps``), and prints the held-out error and the time each fit took.
@@ -123,7 +123,7 @@ def run(args, p):
     model, train, held_out, train_kw, held_kw = _model_and_noise(args, unet)
     options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
                "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every}
-    out = Path(args.out or f"schedules/{args.model}{'-flow' if flow else ''}")
+    out = Path(args.out or f"learned/{args.model}{'-flow' if flow else ''}")
     out.mkdir(parents=True, exist_ok=True)
     # the held-out teacher, once for every NFE: 4 UniPC-3 steps through each interval of the fine grid, the interval
     # every learned schedule spans (its levels are fine-grid levels)

@@ -4,7 +4,7 @@ plan of sweeps.
     fastsample sweep --plan plans/fmnist-large.json          # every committed table (make results)
     fastsample sweep --plan plans/fmnist-large.json --only main-rmse
     fastsample sweep --model fmnist-large --metric rmse --nfe 5 8 --num 500 --seed 1 \\
-        --schedulers unipc3 diffusers-unipc schedules/fmnist-large/unipc3-nfe{nfe} \\
+        --schedulers unipc3 diffusers-unipc learned/fmnist-large/unipc3-nfe{nfe} \\
         'diffusers.UniPCMultistepScheduler{"solver_order": 2}' --out results/x.jsonl --table results/x.md
     fastsample sweep --model testbed --nfe 5 10 20 --num 512     # exact testbed: trajectory error
     accelerate launch scripts/fid_sweep.py ...                              # shards across processes / GPUs
