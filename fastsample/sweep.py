@@ -667,34 +667,39 @@ def render(records: list[dict], plot=None, table=None, title: str | None = None)
         Path(table).parent.mkdir(parents=True, exist_ok=True)
         Path(table).write_text(text)
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, vals in by.items():
-            xs = sorted(vals)
-            dashed = family[name] == "diffusers"
-            ax.errorbar(xs, [vals[x] for x in xs], yerr=[se[name][x] or 0 for x in xs], marker="x" if dashed else "o",
-                        label=name, linestyle="--" if dashed else "-", capsize=2)
-        if floor is not None:
-            ax.axhline(floor[metric], color="k", linewidth=0.8, label=f"floor ({floor['nfe']} NFE)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(nfes, [str(n) for n in nfes])
-        ax.set_xlabel("model calls (NFE)")
-        ax.set_ylabel(metric)
-        import textwrap
-
-        ax.set_title("\n".join(textwrap.wrap(title or f"{records[0]['model']}: {metric} vs NFE "
-                                                     f"({records[0]['num']} samples a cell)", 90)), fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        Path(plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(plot, dpi=120)
-        plt.close(fig)
+        _plot(plot, records, metric, by, se, family, floor, nfes, title)
     return text
+
+
+def _plot(plot, records, metric, by, se, family, floor, nfes, title) -> None:
+    """The PNG of ``render``: the metric against NFE on log axes, diffusers dashed, the floor as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, vals in by.items():
+        xs = sorted(vals)
+        dashed = family[name] == "diffusers"
+        ax.errorbar(xs, [vals[x] for x in xs], yerr=[se[name][x] or 0 for x in xs], marker="x" if dashed else "o",
+                    label=name, linestyle="--" if dashed else "-", capsize=2)
+    if floor is not None:
+        ax.axhline(floor[metric], color="k", linewidth=0.8, label=f"floor ({floor['nfe']} NFE)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.set_xlabel("model calls (NFE)")
+    ax.set_ylabel(metric)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title or f"{records[0]['model']}: {metric} vs NFE "
+                                                 f"({records[0]['num']} samples a cell)", 90)), fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------- plans
