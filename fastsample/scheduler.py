@@ -680,7 +680,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             else:
                 raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal sample shape {tuple(sample.shape)}")
         self._check_finite(i, timestep, model_output=model_output, sample=sample, variance_noise=variance_noise)
-        cdt = self._compute_dtype(sample)
+        cdt = self.compute_dtype(sample)
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
         node, k = self._calls[i]  # the call's grid node and the step it belongs to
@@ -703,7 +703,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         prev = x_next.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def _compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
+    def compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
         """The dtype a step computes in: float64 for float64 samples, else float32."""
         return torch.float64 if sample.dtype == torch.float64 else torch.float32
 

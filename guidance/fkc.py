@@ -214,15 +214,7 @@ class FKCSampler:
                              "only for it")
         G = B // N
         sched = self.scheduler
-        sched.set_timesteps(num_inference_steps)
-        grid, steps = sched.grid, sched.num_inference_steps
-        if sched._teleport_from is not None:
-            raise ValueError("FKCSampler does not teleport: use a scheduler without teleport_stats")
-        if grid.alpha[0] == 0:
-            raise ValueError("FKCSampler combines the models' scores, which carry nothing at flow sigma 1 (alpha = 0, "
-                             f"where this grid starts: {sched.sigmas[:3].tolist()}...): use a flow grid that starts "
-                             "below 1, e.g. use_flow_sigmas=True with a noise-prediction algorithm_type ('dpmsolver'), "
-                             "which starts one training step below 1")
+        grid, steps = self._grid(num_inference_steps)
         solver = self.solver
         cdt = torch.float64 if noise.dtype == torch.float64 else torch.float32
         x = noise.to(cdt) * (sched.init_noise_sigma / math.sqrt(self.precision_factor))
@@ -253,20 +245,42 @@ class FKCSampler:
             ess_log.append(ess)
             res_log.append(do)
             if do.any():
-                anc = resample_indices(torch.softmax(logw[do], dim=1), self.resampling, generator)
-                idx = torch.arange(B).reshape(G, N)
-                idx[do] = anc + (torch.nonzero(do)[:, 0] * N)[:, None]
-                idx = idx.reshape(-1)
-                take = lambda v: v[idx.to(v.device)] if torch.is_tensor(v) else v  # noqa: E731
-                x = take(x)
-                state = replace(state, history=tuple(take(h) for h in state.history), last_x=take(state.last_x),
-                                last_noise=take(state.last_noise))
-                kwargs = {k: (take(v) if _rows(v, B) else v) for k, v in kwargs.items()}
-                if uncond is not None:
-                    uncond = {k: (take(v) if _rows(v, B) else v) for k, v in uncond.items()}
-                logw = logw.clone()
-                logw[do] = 0.0
+                x, state, kwargs, uncond, logw = self._resample(do, logw, generator, x, state, kwargs, uncond)
         return FKCOutput(x.to(noise.dtype), logw.reshape(-1), torch.stack(ess_log), torch.stack(res_log), N)
+
+    def _grid(self, num_inference_steps: int):
+        """The scheduler's grid for this many steps, checked for what FKC can run: no teleportation, no start at
+        pure noise."""
+        sched = self.scheduler
+        sched.set_timesteps(num_inference_steps)
+        grid = sched.grid
+        if sched.teleport_origin is not None:
+            raise ValueError("FKCSampler does not teleport: use a scheduler without teleport_stats")
+        if grid.alpha[0] == 0:
+            raise ValueError("FKCSampler combines the models' scores, which carry nothing at flow sigma 1 (alpha = 0, "
+                             f"where this grid starts: {sched.sigmas[:3].tolist()}...): use a flow grid that starts "
+                             "below 1, e.g. use_flow_sigmas=True with a noise-prediction algorithm_type ('dpmsolver'), "
+                             "which starts one training step below 1")
+        return grid, sched.num_inference_steps
+
+    def _resample(self, do, logw, generator, x, state, kwargs, uncond):
+        """Resample the groups ``do`` by their weights: the particles, the solver's state (history, last sample and
+        noise), the per-particle keyword tensors follow their ancestors, and those groups' weights restart at 0."""
+        G, N = logw.shape
+        B = G * N
+        anc = resample_indices(torch.softmax(logw[do], dim=1), self.resampling, generator)
+        idx = torch.arange(B).reshape(G, N)
+        idx[do] = anc + (torch.nonzero(do)[:, 0] * N)[:, None]
+        idx = idx.reshape(-1)
+        take = lambda v: v[idx.to(v.device)] if torch.is_tensor(v) else v  # noqa: E731
+        state = replace(state, history=tuple(take(h) for h in state.history), last_x=take(state.last_x),
+                        last_noise=take(state.last_noise))
+        kwargs = {k: (take(v) if _rows(v, B) else v) for k, v in kwargs.items()}
+        if uncond is not None:
+            uncond = {k: (take(v) if _rows(v, B) else v) for k, v in uncond.items()}
+        logw = logw.clone()
+        logw[do] = 0.0
+        return take(x), state, kwargs, uncond, logw
 
 
 @torch.no_grad()
