@@ -211,21 +211,23 @@ def _states(length: int, symbols: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*[torch.arange(symbols)] * length, indexing="ij"), dim=-1).reshape(-1, length)
 
 
-def exact_distribution(testbed, coefficients: DiscreteCoefficients, chunk: int = 256) -> torch.Tensor:
-    """The sampler's exact output distribution over the V^L clean sequences (in :func:`_states` order) with the
-    testbed's exact denoiser, by propagating the distribution over every partial state step by step (V^L, or
-    (V+1)^L states under masking, must be small)."""
+def exact_trajectory(testbed, coefficients: DiscreteCoefficients, chunk: int = 256) -> list:
+    """The sampler's exact state distributions with the testbed's exact denoiser, at every level of its grid
+    (``steps + 1`` tensors over the C^L partial states in :func:`_states` order, C = V + 1 under masking, V under
+    uniform corruption; C^L must be small), by propagating the distribution over every partial state step by
+    step."""
     c, V, L = coefficients, testbed.vocab_size, testbed.length
     C = V + 1 if c.corruption == "mask" else V
     if C ** L > 2 ** 16:
-        raise ValueError(f"exact_distribution enumerates {C}^{L} = {C ** L} states; use a testbed with at most "
-                         f"2^16 states")
+        raise ValueError(f"the exact sampler distribution enumerates {C}^{L} = {C ** L} states; use a testbed "
+                         f"with at most 2^16 states")
     states = _states(L, C)
     p = torch.zeros(C ** L, dtype=F64)
     if c.corruption == "mask":
         p[-1] = 1.0                                   # all masked
     else:
         p[:] = 1.0 / V ** L                           # uniform noise
+    trajectory = [p]
     for i in range(c.steps):
         a, b = c.levels[i], c.levels[i + 1]
         support = torch.nonzero(p > 0).squeeze(1)
@@ -239,7 +241,17 @@ def exact_distribution(testbed, coefficients: DiscreteCoefficients, chunk: int =
                 out = (out.unsqueeze(-1) * t[:, l].unsqueeze(1)).reshape(len(part), -1)
             q += p[part] @ out
         p = q
-    if c.corruption == "mask":
+        trajectory.append(p)
+    return trajectory
+
+
+def exact_distribution(testbed, coefficients: DiscreteCoefficients, chunk: int = 256) -> torch.Tensor:
+    """The sampler's exact output distribution over the V^L clean sequences (in :func:`_states` order) with the
+    testbed's exact denoiser (the last of :func:`exact_trajectory`)."""
+    p = exact_trajectory(testbed, coefficients, chunk)[-1]
+    V, L = testbed.vocab_size, testbed.length
+    if coefficients.corruption == "mask":
+        states = _states(L, V + 1)
         clean = (states < V).all(1)
         if float(p[~clean].sum()) > 1e-12:
             raise RuntimeError("masked tokens remain at the end of the run")
@@ -328,6 +340,41 @@ def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: Discrete
         if open_.any():
             total += float((((mine[i] - theirs) ** 2).sum(-1) * open_).sum() / open_.sum())
     return total
+
+
+def exact_alignment_loss(testbed, coefficients: DiscreteCoefficients, teacher: list) -> float:
+    """The trajectory-alignment loss computed exactly on a testbed: the sum over the student's steps of
+    KL(teacher's state distribution || student's) at the end level of every step, the teacher's distributions being
+    ``teacher`` (:func:`exact_trajectory` of a many-step plain sampler on the linear grid).  It is the exact value of
+    what ``alignment_loss(loss="states")`` estimates from runs, with no sampling noise, so a fit of it is limited by
+    the coefficient family alone."""
+    mine = exact_trajectory(testbed, coefficients)
+    total = 0.0
+    for i in range(coefficients.steps):
+        p, q = _teacher_at(teacher, coefficients.levels[i + 1]), mine[i + 1]
+        on = p > 0
+        total += float((p[on] * (torch.log(p[on]) - torch.log(q[on].clamp_min(1e-300)))).sum())
+    return total
+
+
+def fit_lsd_exact(testbed, steps: int, corruption: str = "mask", learn_levels: bool = False,
+                  teacher_steps: int = 256, start: DiscreteCoefficients | None = None,
+                  max_evals: int = 600) -> DiscreteCoefficients:
+    """LSD (temperatures) or, with ``learn_levels``, LSD+ (and the schedule) fitted on an exact testbed by
+    :func:`exact_alignment_loss` against the ``teacher_steps``-step plain sampler's exact trajectory."""
+    _check_steps(steps)
+    _check_steps(teacher_steps)
+    corruption = _check_corruption(corruption)
+    start = start or DiscreteCoefficients.plain(steps, corruption)
+    if start.steps != steps or start.corruption != corruption:
+        raise ValueError(f"start must be {steps}-step {corruption} coefficients, got {start.steps}-step "
+                         f"{start.corruption}")
+    teacher = exact_trajectory(testbed, DiscreteCoefficients.plain(teacher_steps, corruption))
+    fitted, info = fit_coefficients(lambda c: exact_alignment_loss(testbed, c, teacher), start, learn_levels,
+                                    max_evals)
+    meta = {"method": "LSD+" if learn_levels else "LSD", "loss": "exact", "teacher_steps": teacher_steps,
+            "loss_identity": info["before"], "loss_fitted": info["after"], "evaluations": info["evaluations"]}
+    return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)
 
 
 def fit_coefficients(objective, start: DiscreteCoefficients, learn_levels: bool = False,

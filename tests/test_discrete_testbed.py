@@ -199,3 +199,42 @@ def test_bad_fit_arguments_are_named():
         fit_lsd(den, 0, 3, 3)
     with pytest.raises(ValueError, match="start must be 2-step mask coefficients, got 3-step mask"):
         fit_lsd(den, 2, 3, 3, start=DiscreteCoefficients.plain(3))
+
+
+@pytest.mark.parametrize("corruption", ["mask", "uniform"])
+def test_exact_trajectory_is_the_law_of_the_sampled_states(corruption):
+    """The exact intermediate state distributions (exact_trajectory) are the law of the states that sample() visits:
+    each sums to one and matches the empirical distribution of 40,000 runs within sampling error."""
+    from fastsample.discrete import _states, exact_trajectory, sample
+
+    m = CategoricalMixture.random(length=3, vocab_size=3, components=2, concentration=0.5, seed=3)
+    den = lambda x, a: m.posterior(x, a, corruption)  # noqa: E731
+    c = DiscreteCoefficients((0.0, 0.3, 0.7, 1.0), (1.0, 0.8, 1.3), corruption)
+    exact = exact_trajectory(m, c)
+    _, states, _ = sample(den, c, 40000, 3, 3, seed=5, trajectory=True)
+    C = 4 if corruption == "mask" else 3
+    weights = C ** torch.arange(2, -1, -1)
+    assert len(exact) == len(states) == 4
+    for p, x in zip(exact, states):
+        assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+        freq = torch.bincount((x.long() * weights).sum(1), minlength=C ** 3).double() / len(x)
+        assert float((freq - p).abs().max()) < 0.01
+    assert _states(3, C).shape == (C ** 3, 3)
+
+
+def test_exact_alignment_is_zero_on_the_teachers_grid_and_a_fit_lowers_it(tmp_path):
+    """The exact alignment loss of the teacher's own coefficients is 0; an exact LSD+ fit lowers the loss and the
+    exact KL of a 4-step uniform sampler, and its artefact round-trips."""
+    from fastsample.discrete import exact_alignment_loss, exact_trajectory, fit_lsd_exact
+
+    m = CategoricalMixture.random(length=4, vocab_size=3, components=3, concentration=0.3, seed=0)
+    teacher = exact_trajectory(m, DiscreteCoefficients.plain(8, "uniform"))
+    assert exact_alignment_loss(m, DiscreteCoefficients.plain(8, "uniform"), teacher) == pytest.approx(0.0, abs=1e-12)
+    assert exact_alignment_loss(m, DiscreteCoefficients.plain(4, "uniform"), teacher) > 1e-3
+    c = fit_lsd_exact(m, 4, "uniform", learn_levels=True, teacher_steps=64, max_evals=150)
+    assert c.meta["loss_fitted"] < c.meta["loss_identity"] and c.meta["loss"] == "exact"
+    assert exact_kl(m, c) < exact_kl(m, DiscreteCoefficients.plain(4, "uniform"))
+    c.save(tmp_path / "c.json")
+    assert DiscreteCoefficients.load(tmp_path / "c.json") == c
+    with pytest.raises(ValueError, match="start must be 4-step uniform coefficients"):
+        fit_lsd_exact(m, 4, "uniform", start=DiscreteCoefficients.plain(4, "mask"))
