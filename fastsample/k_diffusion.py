@@ -30,7 +30,8 @@ from .noise import BrownianTree
 from .parameterization import convert
 from .registry import all_names, lookup
 from .schedules import VE, RectifiedFlow
-from .solver import Grid, step_from_pure_noise
+from .driver import drive
+from .solver import Grid
 from .timesteps import check_choice, check_descending, check_scales
 
 MODEL_TYPES = ("ve", "const")
@@ -117,28 +118,28 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     s_in = x.new_ones([x.shape[0]])
     if noise_sampler is None and solver.stochastic:
         noise_sampler = default_noise_sampler(x, sig, extra_args.get("seed"))
-    state = solver.init(grid, scheduler.prediction_transforms(n))  # DualFast, DC-Solver's ratios for n steps
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    for node, i in tqdm(solver.calls(grid), disable=disable):  # one call a step, or Heun's two
-        sigma = sigmas[node] if torch.is_tensor(sigmas) else torch.tensor(sig[node])
-        denoised = model(x, sigma * s_in, **extra_args)
+
+    def sigma_at(node):
+        return sigmas[node] if torch.is_tensor(sigmas) else torch.tensor(sig[node])
+
+    def call(x, node):
+        return model(x, sigma_at(node) * s_in, **extra_args)
+
+    def check(node, i, x, denoised):
         if callback is not None and node == i:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        xc, x0 = x.to(cdt), denoised.to(cdt)
-        if not math.isfinite(float(x0.sum(dtype=torch.float64))):
+            callback({"x": x, "i": i, "sigma": sigma_at(node), "sigma_hat": sigma_at(node), "denoised": denoised})
+        if not math.isfinite(float(denoised.to(cdt).sum(dtype=torch.float64))):
             raise ValueError(f"the model's denoised output contains NaN or Inf at step {i} (sigma {sig[node]})")
-        if grid.alpha[node] == 0.0 and solver.prediction == "eps":  # scales on x0 there, as the schedulers do
-            x_next, state = step_from_pure_noise(grid, state, xc, x0 if scales is None else x0 * scales[i])
-        else:
-            pred = convert(x0, xc, "sample", grid.alpha[node], grid.sigma[node], solver.prediction)
-            if scales is not None:  # on the solver's prediction, as the schedulers apply learned_scales
-                pred = pred * scales[i]
-            noise = None
-            if solver.needs_noise(grid, i):
-                levels = (sigmas[i], sigmas[i + 1]) if torch.is_tensor(sigmas) else (sig[i], sig[i + 1])
-                noise = noise_sampler(*levels).to(cdt) * s_noise
-            x_next, state = solver.step(grid, state, xc, pred, noise)
-        x = x_next.to(x.dtype)
+
+    def noise(i):
+        levels = (sigmas[i], sigmas[i + 1]) if torch.is_tensor(sigmas) else (sig[i], sig[i + 1])
+        return noise_sampler(*levels).to(cdt) * s_noise
+
+    # the denoised output is the data prediction ("sample"); scales multiply the solver's prediction, as the
+    # schedulers apply learned_scales; DualFast and DC-Solver's ratios for n steps are the run's transforms
+    x, _ = drive(solver, grid, x, call, "sample", scheduler.prediction_transforms(n), scales, noise=noise,
+                 callback=check, dtype=cdt, progress=lambda calls: tqdm(calls, disable=disable))
     return x
 
 
@@ -199,6 +200,15 @@ for _name in all_names():
     _fn = _named(_name, f"The registered solver {_name!r} (fastsample.registry) in k-diffusion's convention.")
     SAMPLERS.setdefault(_fn.__name__, _fn)
 globals().update(SAMPLERS)
+
+
+def __getattr__(attr: str):
+    """``sample_<name>`` for a solver registered after this module was imported (a plug-in's ``register`` call)."""
+    for name in all_names():
+        fn = _named(name, f"The registered solver {name!r} (fastsample.registry) in k-diffusion's convention.")
+        if fn.__name__ == attr:
+            return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 @torch.no_grad()

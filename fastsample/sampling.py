@@ -135,25 +135,28 @@ def integrate(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsi
 
 
 def trajectory(model, x: torch.Tensor, solver, grid, prediction_type: str = "epsilon", model_time=None,
-               generator=None, threshold=None, keep=None, transforms=(), **model_kwargs) -> list:
+               generator=None, threshold=None, keep=None, transforms=(), scales=None, **model_kwargs) -> list:
     """As ``integrate``, returning the samples at the grid nodes listed in ``keep`` (every node if None; node 0 is
     ``x`` itself).  ``transforms``: the run's prediction transforms (``fastsample.transforms``, e.g. a scheduler's
-    ``prediction_transforms(n)``).  ``model_kwargs`` (class labels, ...) go to every model call."""
-    from .parameterization import convert
+    ``prediction_transforms(n)``); ``scales``: per-step scales of the solver's prediction (a learned schedule's).
+    ``model_kwargs`` (class labels, ...) go to every model call.  The loop is ``fastsample.driver.drive``."""
+    from .driver import drive
 
     keep = set(range(grid.num_steps + 1) if keep is None else keep)
     out = [x] if 0 in keep else []
-    state = solver.init(grid, transforms)
-    for node, i in solver.calls(grid):  # one call a step, or a staged solver's several (Heun)
-        t = grid.t[node] if model_time is None else model_time(node)
-        pred = convert(model_output(model(x, t, **model_kwargs)), x, prediction_type, grid.alpha[node],
-                       grid.sigma[node], solver.prediction, threshold)
-        noise = None
-        if solver.needs_noise(grid, i):
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x, state = solver.step(grid, state, x, pred, noise)
-        if state.index == i + 1 and i + 1 in keep:
+
+    def call(x, node):
+        return model_output(model(x, grid.t[node] if model_time is None else model_time(node), **model_kwargs))
+
+    def noise(step):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+    def collect(step, x, state):
+        if step + 1 in keep:
             out.append(x)
+        return x, state
+
+    drive(solver, grid, x, call, prediction_type, transforms, scales, threshold, noise, after_step=collect)
     return out
 
 

@@ -1,7 +1,7 @@
 """FastScheduler: the one generic diffusers adapter.  Solver files subclass it only to declare their config.
 
 The adapter owns the noise schedule, the step grid and one explicit solver ``State``; it converts the model
-output once (``parameterization.convert``), computes in float32 (float64 for float64 samples) and casts back,
+output once (``driver.call_step``), computes in float32 (float64 for float64 samples) and casts back,
 and tracks its position with a counter that ``set_timesteps`` resets.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .parameterization import check_prediction_type, convert, dynamic_threshold
+from .parameterization import check_prediction_type, dynamic_threshold
 from .transforms import DualFast, dualfast_spec
 from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIMESTEP_SPACINGS, check_choice,
                         check_descending, check_flow_shift, check_num_steps, check_scales, discrete_timesteps,
@@ -26,7 +26,8 @@ from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIME
                         flow_match_sigmas, flow_sigmas, shift_flow, sigma_spacing, stretch_to_terminal)
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
-from .solver import Grid, Solver, step_from_pure_noise
+from .driver import call_step
+from .solver import Grid, Solver
 
 __all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput", "shared_config"]
 
@@ -684,21 +685,15 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
         node, k = self._calls[i]  # the call's grid node and the step it belongs to
-        pred = convert(out, x, self.config.prediction_type, g.alpha[node], g.sigma[node], self.solver.prediction,
-                       self._threshold)
-        if self._scales is not None:
-            pred = pred * self._scales[k]
         state = self._state
         if state.index != k:  # a begin index (img2img) or a step count reused: start step k afresh
             if node != k:
                 raise RuntimeError(f"model call {i} is the second stage of step {k}: begin at a step's first call")
             staged = len(self._calls) != g.num_steps
             state = replace(state, index=k, history=(), orders=(), last_x=None) if staged else replace(state, index=k)
-        if g.alpha[node] == 0.0 and self.solver.prediction == "eps":
-            x_next, self._state = self._step_from_pure_noise(g, state, x, out)
-        else:
-            noise = self._noise(k, x, generator, variance_noise) if self.solver.needs_noise(g, k) else None
-            x_next, self._state = self.solver.step(g, state, x, pred, noise)
+        x_next, self._state = call_step(self.solver, g, state, x, out, self.config.prediction_type, node, k,
+                                        self._scales, self._threshold,
+                                        lambda step: self._noise(step, x, generator, variance_noise))
         self._step_index = i + 1
         prev = x_next.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -706,17 +701,6 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
     def compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
         """The dtype a step computes in: float64 for float64 samples, else float32."""
         return torch.float64 if sample.dtype == torch.float64 else torch.float32
-
-    def _step_from_pure_noise(self, g: Grid, state, x: torch.Tensor, out: torch.Tensor):
-        """A noise-prediction solver's step from alpha = 0 (flow sigma 1, where FlowMatch grids start): there the
-        noise is x / sigma exactly and carries nothing of the model's output, so the step is the exact first-order
-        (DDIM) step through the model's data prediction, x' = (sigma'/sigma) x + alpha' x0.  The next steps use no
-        history from this node (its lambda is -inf) and no corrector of this step."""
-        i = state.index
-        x0 = convert(out, x, self.config.prediction_type, 0.0, g.sigma[i], "x0", self._threshold)
-        if self._scales is not None:
-            x0 = x0 * self._scales[i]
-        return step_from_pure_noise(g, state, x, x0)
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
         """FlowMatch's forward process for img2img and inpainting: (1 - sigma) sample + sigma noise, with sigma the

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from fastsample.driver import call_step
 from fastsample.parameterization import convert
 from fastsample.sampling import model_output
 
@@ -234,9 +235,8 @@ class FKCSampler:
                 if self.clip is not None:
                     inc = inc.clamp(-self.clip, self.clip)
                 logw = logw + inc
-            pred = convert(eps_target, x, "epsilon", grid.alpha[i], grid.sigma[i], solver.prediction)
-            z = torch.randn(x.shape, generator=generator, dtype=cdt) if solver.needs_noise(grid, i) else None
-            x, state = solver.step(grid, state, x, pred, None if z is None else z.to(x.device))
+            x, state = call_step(solver, grid, state, x, eps_target, "epsilon", i, i,
+                                 noise=lambda _: torch.randn(x.shape, generator=generator, dtype=cdt).to(x.device))
             ess = effective_sample_size(logw)
             # a group whose weights are all equal has nothing to resample (and draws no random numbers)
             do = (ess <= self.ess_threshold * N * (1 + 1e-12)) & (logw.amax(1) > logw.amin(1))
