@@ -625,6 +625,17 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"the model output, sample or noise contained NaN or Inf at step {self.nonfinite_step} "
                              f"({', '.join(totals)} were checked)")
 
+    def _check_result(self, i: int, timestep, x_next: torch.Tensor, **inputs):
+        """On the CPU: one sum of the step's result in its own dtype (NaN and Inf in the model output, the sample or
+        the noise all reach it); only when that sum is not finite are the inputs summed in float64 to name the bad
+        one.  A sum that overflowed on finite values passes; a result that overflowed from finite inputs is named."""
+        if math.isfinite(float(x_next.sum())):
+            return
+        self._check_finite(i, timestep, defer=False, **inputs)
+        if not math.isfinite(float(x_next.sum(dtype=torch.float64))):
+            raise ValueError(f"the step's result contains NaN or Inf at step {i} (timestep {timestep!r}) from finite "
+                             f"inputs: the update overflowed its dtype ({x_next.dtype})")
+
     @property
     def nonfinite_step(self) -> int | None:
         """The first step of this solve whose model output, sample or noise held NaN or Inf (None: none so far).
@@ -680,7 +691,12 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 model_output = model_output[:, : sample.shape[1]]
             else:
                 raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal sample shape {tuple(sample.shape)}")
-        self._check_finite(i, timestep, model_output=model_output, sample=sample, variance_noise=variance_noise)
+        inputs = {"model_output": model_output, "sample": sample, "variance_noise": variance_noise}
+        on_cpu = sample.device.type == "cpu"
+        if not on_cpu:  # deferred on the device: the inputs' sums, so that step never waits for a sync
+            self._check_finite(i, timestep, **inputs)
+        elif variance_noise is not None:  # given noise is checked even where this step does not use it
+            self._check_finite(i, timestep, defer=False, variance_noise=variance_noise)
         cdt = self.compute_dtype(sample)
         x, out = sample.to(cdt), model_output.to(cdt)
         g = self._grid
@@ -691,10 +707,11 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                 raise RuntimeError(f"model call {i} is the second stage of step {k}: begin at a step's first call")
             staged = len(self._calls) != g.num_steps
             state = replace(state, index=k, history=(), orders=(), last_x=None) if staged else replace(state, index=k)
-        x_next, self._state = call_step(self.solver, g, state, x, out, self.config.prediction_type, node, k,
-                                        self._scales, self._threshold,
-                                        lambda step: self._noise(step, x, generator, variance_noise))
-        self._step_index = i + 1
+        x_next, state = call_step(self.solver, g, state, x, out, self.config.prediction_type, node, k, self._scales,
+                                  self._threshold, lambda step: self._noise(step, x, generator, variance_noise))
+        if on_cpu:
+            self._check_result(i, timestep, x_next, **inputs)
+        self._state, self._step_index = state, i + 1
         prev = x_next.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 

@@ -369,3 +369,21 @@ def test_deferred_nonfinite_check_is_readable_before_the_last_step(latents):
         s._check_finite(3, 100, defer=True, model_output=good, sample=good)
     s.set_timesteps(4)
     assert s.nonfinite_step is None
+
+
+def test_a_float32_sum_that_overflows_on_finite_values_is_not_an_error():
+    """The CPU check sums the step's result in its dtype and looks closer only when that sum is not finite: finite
+    values whose float32 sum overflows (384 values of 1e37) pass; a NaN in the model output is still named."""
+    import math
+
+    s = DPMSolverPlusPlusScheduler(prediction_type="sample")
+    s.set_timesteps(5)
+    big = torch.full((2, 3, 8, 8), 1e37)
+    assert not math.isfinite(float(big.sum())) and math.isfinite(float(big.sum(dtype=torch.float64)))
+    t = s.timesteps[0]
+    out = s.step(big.clone(), t, big.clone()).prev_sample
+    assert torch.isfinite(out).all()
+    bad = big.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model_output contains NaN or Inf at step 1"):
+        s.step(bad, s.timesteps[1], out)
