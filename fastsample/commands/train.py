@@ -261,15 +261,22 @@ def run(args, p):
             log({"step": step, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
                  "steps_per_s": round((step - start_step) / (time.time() - start), 3),
                  "wall_s": round(time.time() - start, 1)})
-            if args.commit_every_minutes is not None and time.time() - last_commit > 60 * args.commit_every_minutes:
-                problem = git_commit(out, step, args.model)
-                log({"step": step, "event": "committed" if problem is None else f"commit failed: {problem}"})
-                last_commit = time.time() if problem is None else last_commit
+            last_commit = _maybe_commit(args, out, step, log, last_commit)
         if over_time:
             break
     bar.close()
     print(f"stopped at step {step}; checkpoint in {out}")
     return 0
+
+
+def _maybe_commit(args, out, step: int, log, last_commit: float) -> float:
+    """git-commit the checkpoint once --commit-every-minutes have passed since the last commit; returns the time of
+    the last successful commit."""
+    if args.commit_every_minutes is None or time.time() - last_commit <= 60 * args.commit_every_minutes:
+        return last_commit
+    problem = git_commit(out, step, args.model)
+    log({"step": step, "event": "committed" if problem is None else f"commit failed: {problem}"})
+    return time.time() if problem is None else last_commit
 
 
 class _Log:
