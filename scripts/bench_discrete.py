@@ -93,7 +93,7 @@ def fit_cell(denoiser, method, steps, corruption, length, vocab_size, n, max_eva
 
 def run_testbed(f, done, args):
     m = testbed()
-    for corruption in ("mask", "uniform"):
+    for corruption in args.corruptions:
         den = lambda x, a, c=corruption: m.posterior(x, a, c)  # noqa: E731
         for steps in args.steps:
             rows = ["plain", *FITS, *EXACT_FITS]
@@ -251,6 +251,8 @@ def main(argv=None):
     p.add_argument("--fit-runs", type=int, default=1000, help="runs in each fit's alignment loss")
     p.add_argument("--max-evals", type=int, default=600, help="loss evaluations per fit")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="the step counts to run")
+    p.add_argument("--corruptions", nargs="+", choices=("mask", "uniform"), default=["mask", "uniform"],
+                   help="testbed: the corruptions to run")
     p.add_argument("--eval-samples", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only rewrite the table (and plot) from the JSONL")
