@@ -342,6 +342,18 @@ def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: Discrete
     return total
 
 
+def _fit_start(steps, teacher_steps, corruption, start) -> DiscreteCoefficients:
+    """A fit's checked step counts and its starting coefficients (default: the identity ones)."""
+    _check_steps(steps)
+    _check_steps(teacher_steps)
+    corruption = _check_corruption(corruption)
+    start = start or DiscreteCoefficients.plain(steps, corruption)
+    if start.steps != steps or start.corruption != corruption:
+        raise ValueError(f"start must be {steps}-step {corruption} coefficients, got {start.steps}-step "
+                         f"{start.corruption}")
+    return start
+
+
 def exact_alignment_loss(testbed, coefficients: DiscreteCoefficients, teacher: list) -> float:
     """The trajectory-alignment loss computed exactly on a testbed: the sum over the student's steps of
     KL(teacher's state distribution || student's) at the end level of every step, the teacher's distributions being
@@ -362,13 +374,7 @@ def fit_lsd_exact(testbed, steps: int, corruption: str = "mask", learn_levels: b
                   max_evals: int = 600) -> DiscreteCoefficients:
     """LSD (temperatures) or, with ``learn_levels``, LSD+ (and the schedule) fitted on an exact testbed by
     :func:`exact_alignment_loss` against the ``teacher_steps``-step plain sampler's exact trajectory."""
-    _check_steps(steps)
-    _check_steps(teacher_steps)
-    corruption = _check_corruption(corruption)
-    start = start or DiscreteCoefficients.plain(steps, corruption)
-    if start.steps != steps or start.corruption != corruption:
-        raise ValueError(f"start must be {steps}-step {corruption} coefficients, got {start.steps}-step "
-                         f"{start.corruption}")
+    start = _fit_start(steps, teacher_steps, corruption, start)
     teacher = exact_trajectory(testbed, DiscreteCoefficients.plain(teacher_steps, corruption))
     fitted, info = fit_coefficients(lambda c: exact_alignment_loss(testbed, c, teacher), start, learn_levels,
                                     max_evals)
@@ -413,14 +419,9 @@ def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str 
     :func:`alignment_loss` over ``n`` runs.  Every evaluation reuses the same noise, so the loss is a
     deterministic (piecewise-constant) function of the coefficients, and :func:`fit_coefficients` searches it
     without derivatives, from ``start`` (default: the identity coefficients)."""
-    _check_steps(steps)
-    _check_steps(teacher_steps)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    start = start or DiscreteCoefficients.plain(steps, corruption)
-    if start.steps != steps or start.corruption != corruption:
-        raise ValueError(f"start must be {steps}-step {corruption} coefficients, got {start.steps}-step "
-                         f"{start.corruption}")
+    start = _fit_start(steps, teacher_steps, corruption, start)
     noise = DiscreteNoise.draw(corruption, n, length, vocab_size, seed)
     t_noise = noise if loss == "scores" else DiscreteNoise.draw(corruption, n, length, vocab_size, seed + 7919)
     _, t_states, _ = sample(denoiser, DiscreteCoefficients.plain(teacher_steps, corruption), n, length, vocab_size,

@@ -129,7 +129,7 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     def check(node, i, x, denoised):
         if callback is not None and node == i:
             callback({"x": x, "i": i, "sigma": sigma_at(node), "sigma_hat": sigma_at(node), "denoised": denoised})
-        if not math.isfinite(float(denoised.to(cdt).sum(dtype=torch.float64))):
+        if not math.isfinite(float(denoised.sum(dtype=torch.float64))):
             raise ValueError(f"the model's denoised output contains NaN or Inf at step {i} (sigma {sig[node]})")
 
     def noise(i):

@@ -185,9 +185,9 @@ def make_named_scheduler(name: str, model: str | None = None, nfe: int | None = 
 
 
 def _shipped_stats(teleport_stats) -> str:
-    from .zoo import MODELS_DIR
+    from .zoo import TELEPORT_STATS
 
-    return str(teleport_stats if teleport_stats is not None else MODELS_DIR / "fmnist-gaussian.safetensors")
+    return str(teleport_stats if teleport_stats is not None else TELEPORT_STATS)
 
 
 def _teleport_scheduler(name, cls, config, argument, model, nfe, teleport_stats, model_fn):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+TELEPORT_STATS = MODELS_DIR / "fmnist-gaussian.safetensors"  # the shipped Fashion-MNIST Gaussian statistics
 
 
 def _unet(channels, layers, attention_last=True, groups=8, num_class_embeds=None):

@@ -47,7 +47,8 @@ FITS = {  # method -> fit_lsd keywords
 
 # the testbed only: the same alignment of the state distributions, computed exactly (exact_alignment_loss), so the
 # fit is free of the sampled MMD's noise
-EXACT_FITS = {"LSD (exact alignment)": False, "LSD+ (exact alignment)": True}  # method -> learn_levels
+EXACT_FITS = {"LSD (exact alignment)": False, "LSD+ (exact alignment)": True}  # method -> learn_levels; both
+# start from the identity coefficients
 
 
 # the coefficient family's headroom: LSD+'s parameters fitted to the exact KL itself (possible on the testbed only;
@@ -81,14 +82,18 @@ def ddim_loop(logits_fn, n, length, vocab_size, steps, temperature, seed):
 def fit_cell(denoiser, method, steps, corruption, length, vocab_size, n, max_evals, part):
     """Fit one cell's coefficients and save them; LSD+ starts from the same cell's LSD fit when there is one (its
     temperatures, on the linear grid), so it searches the schedule on top of LSD."""
-    path = ARTEFACTS / f"{part}-{corruption}-{_slug(method)}-{steps}.json"
     warm = ARTEFACTS / f"{part}-{corruption}-lsd-{steps}.json"
     start = DiscreteCoefficients.load(warm) if method == "LSD+" and warm.exists() else None
     c = fit_lsd(denoiser, steps, length, vocab_size, corruption, teacher_steps=TEACHER, n=n, seed=0,
                 max_evals=max_evals, start=start, **FITS[method])
+    return c, save_fit(c, part, corruption, method, steps)
+
+
+def save_fit(c, part, corruption, method, steps) -> str:
+    path = ARTEFACTS / f"{part}-{corruption}-{_slug(method)}-{steps}.json"
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     c.save(path)
-    return c, str(path)
+    return str(path)
 
 
 def run_testbed(f, done, args):
@@ -117,10 +122,8 @@ def run_testbed(f, done, args):
                     rec["kl_empirical"] = empirical_kl(m, ddim_loop(logits, 200000, 6, 4, steps, 1.0, seed=1))
                 elif method in EXACT_FITS:
                     c = fit_lsd_exact(m, steps, corruption, EXACT_FITS[method], TEACHER, max_evals=args.max_evals)
-                    path = ARTEFACTS / f"testbed-{corruption}-{_slug(method)}-{steps}.json"
-                    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-                    c.save(path)
-                    rec.update(kl=exact_kl(m, c), coefficients=str(path), fit=c.meta)
+                    rec.update(kl=exact_kl(m, c), coefficients=save_fit(c, "testbed", corruption, method, steps),
+                               fit=c.meta)
                 elif method == ORACLE_ROW:
                     c, info = fit_coefficients(lambda c: exact_kl(m, c), DiscreteCoefficients.plain(steps, corruption),
                                                True, args.max_evals)

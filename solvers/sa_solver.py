@@ -69,20 +69,13 @@ class SASolver(Solver):
             raise ValueError("noise_type 'brownian_tree' needs algorithm_type 'data_prediction' for SA-Solver")
         return 2 * self.tau ** 2 * lam
 
-    def _finite_back(self, grid: Grid, i: int) -> int:
-        """Nodes i, i-1, ... at finite lambda (a prediction at pure noise enters no polynomial)."""
-        k = 0
-        while k <= i and math.isfinite(grid.lam[i - k]):
-            k += 1
-        return k
-
     def step_order(self, grid: Grid, i: int, available: int) -> int:
         k = min(self.predictor_order, available, i + 1)
         return min(k, grid.num_steps - i) if self.lower_order_final else k
 
     def corrector_order_at(self, grid: Grid, i: int) -> int:
         """The corrector's order at node i (the step i-1 -> i redone), as diffusers' warm-up and lower_order_final."""
-        k = min(self.corrector_order, i + 1, self._finite_back(grid, i))
+        k = min(self.corrector_order, self.usable(grid, i, i + 1))  # the nodes i, i-1, ... at finite lambda
         return min(k, grid.num_steps - i + 2) if self.lower_order_final else k
 
     def uses_corrector(self, grid: Grid, i: int) -> bool:

@@ -141,7 +141,7 @@ def run(args, p):
         teacher_seconds = round(time.time() - start, 1)
         print(f"fitting teacher ({args.num} latents): {teacher_seconds} s", flush=True)
     teleport = {} if args.teleport_fraction is None else {
-        "teleport_stats": str(zoo.MODELS_DIR / "fmnist-gaussian.safetensors"), "teleport_fraction": args.teleport_fraction}
+        "teleport_stats": str(zoo.TELEPORT_STATS), "teleport_fraction": args.teleport_fraction}
     for nfe in args.nfe:
         sch = make_scheduler(args.scheduler, **config, solver_order=args.order, **teleport)
         start = time.time()

@@ -17,7 +17,7 @@ from fastsample.data import dataset_root, load_fashion_mnist
 from fastsample.solvers import UniPCScheduler
 from fastsample.solvers.teleport import GaussianStats, choose_teleport_fraction
 
-DEFAULT_OUT = zoo.MODELS_DIR / "fmnist-gaussian.safetensors"
+DEFAULT_OUT = zoo.TELEPORT_STATS
 
 
 def arguments(p):
