@@ -55,15 +55,7 @@ def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: floa
     """Integrate from VE level ``sigma_start`` to ``sigma_end`` (> 0) on ``schedule``.  ``predict(x, grid, i)``
     returns the model's prediction in ``solver.prediction``'s form at node i of ``grid`` (a callback goes there).
     Returns (x at sigma_end, info)."""
-    check_adaptive({"rtol": rtol, "atol": atol, "h_init": h_init, "max_steps": max_steps})
-    if solver.stochastic:
-        raise ValueError(f"adaptive step size needs a deterministic solver, got {type(solver).__name__} with noise")
-    probe = _grid(schedule, [-math.log(sigma_start), -math.log(sigma_start) + 1.0])
-    if len(solver.calls(probe)) != probe.num_steps:
-        raise ValueError(f"adaptive step size needs a multistep solver (one model call a step and an embedded lower "
-                         f"order), got {type(solver).__name__}")
-    if not 0 < sigma_end < sigma_start < math.inf:
-        raise ValueError(f"need 0 < sigma_end < sigma_start, got {sigma_start}, {sigma_end}")
+    _check_solve(solver, schedule, sigma_start, sigma_end, rtol, atol, h_init, max_steps)
     lam_end = -math.log(sigma_end)
     lams = [-math.log(sigma_start)]
     info = AdaptiveInfo(sigmas=[sigma_start])
@@ -78,20 +70,13 @@ def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: floa
                                    f"(reached {math.exp(-lams[-1]):.4g}): raise rtol/atol or max_steps")
             nxt = min(lams[-1] + h, lam_end)
             grid = _grid(schedule, lams + [nxt])
-            trial = replace(state, cache={})
-            x_high, new = solver.step(grid, trial, x, pred)
-            k = new.orders[-1]
-            if k < 2:  # no embedded partner yet: the first step is taken as proposed
-                err = None
+            x_high, new = solver.step(grid, replace(state, cache={}), x, pred)
+            err, k = _embedded_error(solver, grid, len(lams) - 1, x_high, new, x_prev, rtol, atol)
+            if err is None:  # no embedded partner yet: the first step is taken as proposed
                 break
-            low = solver.rule(grid, len(lams) - 1, k - 1)
-            x_low = combine(low.cx, new.last_x, low.coefs, new.history)
-            scale = torch.maximum(torch.abs(x_low), torch.abs(x_prev)).mul_(rtol).clamp_min_(atol)
-            err = float(((x_low - x_high) / scale).square().mean().sqrt())
             factor = SAFETY * max(err, 1e-10) ** (-K_I / k) * (max(err_prev, 1e-10) ** (K_P / k) if err_prev else 1.0)
-            accept = err <= 1.0
             h_next = (nxt - lams[-1]) * min(GROW, max(SHRINK, factor))
-            if accept:
+            if err <= 1.0:
                 break
             info.rejected += 1
             h = h_next
@@ -102,6 +87,30 @@ def solve_adaptive(predict, x: torch.Tensor, solver, schedule, sigma_start: floa
         if err is not None:
             h, err_prev = h_next, max(err, 1e-10)
     return x, info
+
+
+def _check_solve(solver, schedule, sigma_start, sigma_end, rtol, atol, h_init, max_steps) -> None:
+    check_adaptive({"rtol": rtol, "atol": atol, "h_init": h_init, "max_steps": max_steps})
+    if solver.stochastic:
+        raise ValueError(f"adaptive step size needs a deterministic solver, got {type(solver).__name__} with noise")
+    probe = _grid(schedule, [-math.log(sigma_start), -math.log(sigma_start) + 1.0])
+    if len(solver.calls(probe)) != probe.num_steps:
+        raise ValueError(f"adaptive step size needs a multistep solver (one model call a step and an embedded lower "
+                         f"order), got {type(solver).__name__}")
+    if not 0 < sigma_end < sigma_start < math.inf:
+        raise ValueError(f"need 0 < sigma_end < sigma_start, got {sigma_start}, {sigma_end}")
+
+
+def _embedded_error(solver, grid, i, x_high, new, x_prev, rtol, atol) -> tuple[float | None, int]:
+    """(the RMS of the difference from the embedded one-order-lower step, scaled by rtol |x| + atol, or None
+    while the step is first order; the step's order)."""
+    k = new.orders[-1]
+    if k < 2:
+        return None, k
+    low = solver.rule(grid, i, k - 1)
+    x_low = combine(low.cx, new.last_x, low.coefs, new.history)
+    scale = torch.maximum(torch.abs(x_low), torch.abs(x_prev)).mul_(rtol).clamp_min_(atol)
+    return float(((x_low - x_high) / scale).square().mean().sqrt()), k
 
 
 def _grid(schedule, lams) -> Grid:

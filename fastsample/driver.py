@@ -1,10 +1,12 @@
-"""The one sampling loop.  Every path that runs a ``Solver`` on a ``Grid`` (the diffusers adapter's ``step``,
-``sampling.trajectory``, ``fastsample.k_diffusion``, FKC) takes a model call's output through :func:`call_step`:
-convert it once to the solver's prediction, apply the per-step scales, take the exact first-order step from pure
-noise where a noise-prediction solver meets alpha = 0, draw the step's noise only when the solver needs it, and
-step.  :func:`drive` is the loop over a solve's model calls (``Solver.calls``: one a step, or a staged solver's
-several) with hooks: the model call, a callback after each call, and a hook after each finished step that may
-replace the sample and the state (FKC's resampling)."""
+"""The one sampling loop. Every path that runs a ``Solver`` on a ``Grid`` (the diffusers adapter's ``step``,
+``sampling.trajectory``, ``fastsample.k_diffusion``, FKC, DC-Solver's fit) takes a model call's output through
+:func:`call_step`: convert it once to the solver's prediction, apply the per-step scales, take the exact first-order
+step from pure noise where a noise-prediction solver meets alpha = 0, draw the step's noise only when the solver
+needs it, and step. :func:`drive` is the loop over a solve's model calls (``Solver.calls``: one a step, or a staged
+solver's several) with hooks: the model call, a callback after each call, and a hook after each finished step that
+may replace the sample and the state (FKC's resampling). Two loops stay outside it on purpose: the learned-schedule
+fit's ``_Program`` differentiates the solve with respect to the grid, so its coefficients are autograd tensors where
+a ``Rule`` holds floats, and the teleport choice calls the model once per node without stepping."""
 from __future__ import annotations
 
 from .parameterization import convert
@@ -31,14 +33,15 @@ def call_step(solver, grid, state, x, out, prediction_type: str, node: int, step
 def drive(solver, grid, x, model_output, prediction_type: str, transforms=(), scales=None, threshold=None,
           noise=None, callback=None, after_step=None, dtype=None, progress=None):
     """Run ``solver`` over ``grid`` from ``x``: ``model_output(x, node)`` is the model's output at grid node
-    ``node``; ``callback(node, step, x, out)`` runs after each model call, before its update; ``after_step(step, x,
+    ``node``; ``callback(node, step, x, out, state)`` runs after each model call, before its update (DC-Solver's fit
+tunes the step's ratio there); ``after_step(step, x,
     state)`` runs after each finished step and returns (x, state), possibly replaced; ``dtype``: compute in it and
     keep ``x``'s own dtype between calls.  Returns (the sample at the grid's last level, the final state)."""
     state = solver.init(grid, transforms)
     for node, step in solver.calls(grid):
         out = model_output(x, node)
         if callback is not None:
-            callback(node, step, x, out)
+            callback(node, step, x, out, state)
         xc = x if dtype is None else x.to(dtype)
         x_next, state = call_step(solver, grid, state, xc, out if dtype is None else out.to(dtype), prediction_type,
                                   node, step, scales, threshold, noise)

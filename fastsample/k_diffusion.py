@@ -126,7 +126,7 @@ def sample(name: str, model, x: torch.Tensor, sigmas, extra_args=None, callback=
     def call(x, node):
         return model(x, sigma_at(node) * s_in, **extra_args)
 
-    def check(node, i, x, denoised):
+    def check(node, i, x, denoised, _state):
         if callback is not None and node == i:
             callback({"x": x, "i": i, "sigma": sigma_at(node), "sigma_hat": sigma_at(node), "denoised": denoised})
         if not math.isfinite(float(denoised.sum(dtype=torch.float64))):

@@ -66,32 +66,61 @@ def flow_match_config(config) -> dict:
     return cfg
 
 
-# The config keys every FastScheduler takes, declared once: teleportation, learned schedules and DualFast.  They are
-# read from ``self.config`` (``_setup``), so a subclass's ``__init__`` does not name them; ``shared_config`` adds
-# them to its signature, which is what diffusers' ``register_to_config`` and ``from_config`` read.
+# The config keys every FastScheduler takes, declared once.  ``shared_config`` adds them to a subclass's ``__init__``
+# signature, which is what diffusers' ``register_to_config`` and ``from_config`` read; they are read from
+# ``self.config`` (``_setup``), which diffusers fills before the body runs, so the body does not name them.
+# GRID_CONFIG: the noise schedule, the model's prediction and the step grid, under diffusers' names (first in the
+# signature, as in diffusers'); a subclass may change a default (``@shared_config(timestep_spacing="leading")``).
+GRID_CONFIG = (("num_train_timesteps", "int", 1000), ("beta_start", "float", 0.0001), ("beta_end", "float", 0.02),
+               ("beta_schedule", "str", "linear"), ("trained_betas", "list | None", None),
+               ("prediction_type", "str", "epsilon"), ("thresholding", "bool", False),
+               ("dynamic_thresholding_ratio", "float", 0.995), ("sample_max_value", "float", 1.0),
+               ("use_flow_sigmas", "bool", False), ("flow_shift", "float", 1.0), ("timestep_spacing", "str", "linspace"),
+               ("steps_offset", "int", 0), ("final_sigmas_type", "str | None", "zero"),
+               ("rescale_betas_zero_snr", "bool", False), ("spacing", "str | None", None))
+# SHARED_CONFIG: the methods every scheduler offers: teleportation, learned schedules and DualFast (last).
 SHARED_CONFIG = (("teleport_stats", "str | None", None), ("teleport_fraction", "float", 0.0),
                  ("teleport_sigma", "float | None", None), ("learned_timesteps", "list | None", None),
                  ("learned_scales", "list | None", None), ("learned_sigmas", "list | None", None),
                  ("dualfast", "float | dict | None", None))
 
 
-def shared_config(init):
-    """Decorate a FastScheduler's ``__init__`` (under ``@register_to_config``) with the SHARED_CONFIG keys, appended
-    to its own keyword parameters; the wrapped ``__init__`` never receives them."""
+def own_parameters(cls) -> list[inspect.Parameter]:
+    """The keyword parameters a FastScheduler class declares itself: its ``__init__``'s, without the shared keys."""
+    shared = {name for name, _, _ in GRID_CONFIG + SHARED_CONFIG}
+    return [p for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self" and name not in shared]
+
+
+def shared_config(init=None, *, like=None, **defaults):
+    """Decorate a FastScheduler's ``__init__`` (under ``@register_to_config``) with the GRID_CONFIG keys before its
+    own keyword parameters and the SHARED_CONFIG keys after them; the wrapped ``__init__`` receives only its own.
+    ``@shared_config(key=value, ...)`` changes GRID_CONFIG defaults for this scheduler (its diffusers peer's).
+    ``like=<FastScheduler class>``: this scheduler also takes that one's own keys (before its own; a key it declares
+    itself keeps its own default), read from ``self.config`` as the shared ones."""
+    if init is None:
+        return functools.partial(shared_config, like=like, **defaults)
+    grid = {name for name, _, _ in GRID_CONFIG}
+    if unknown := sorted(set(defaults) - grid):
+        raise TypeError(f"shared_config: {unknown} are not GRID_CONFIG keys (a scheduler's own keys go in its "
+                        f"signature); the keys whose default it may change: {sorted(grid)}")
     sig = inspect.signature(init)
-    names = [name for name, _, _ in SHARED_CONFIG]
-    clash = sorted(set(names) & set(sig.parameters))
-    if clash:
+    first, *own = sig.parameters.values()
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    made = {name: inspect.Parameter(name, kind, default=defaults.get(name, default), annotation=hint)
+            for name, hint, default in GRID_CONFIG + SHARED_CONFIG}
+    if clash := sorted(set(made) & set(sig.parameters)):
         raise TypeError(f"{init.__qualname__} declares the shared config keys {clash} itself; drop them from it")
-    own = len(sig.parameters) - 1
-    extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=hint)
-             for name, hint, default in SHARED_CONFIG]
+    mine = [p.name for p in own]
+    borrowed = [p for p in own_parameters(like) if p.name not in mine] if like is not None else []
+    new = sig.replace(parameters=[first, *(made[n] for n, _, _ in GRID_CONFIG), *borrowed, *own,
+                                  *(made[n] for n, _, _ in SHARED_CONFIG)])
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
-        return init(self, *args[:own], **{k: v for k, v in kwargs.items() if k not in names})
+        bound = new.bind(self, *args, **kwargs).arguments
+        return init(self, **{k: bound[k] for k in mine if k in bound})
 
-    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    wrapper.__signature__ = new
     return wrapper
 
 
@@ -192,6 +221,9 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         check_choice("noise_type", cfg.get("noise_type", "gaussian"), NOISE_TYPES)
         check_choice("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
         self.spacing = self._resolve_spacing()
+        if cfg.get("shift_terminal") is not None and not (cfg.use_flow_sigmas or self.spacing == FLOW_MATCH):
+            raise ValueError(f"shift_terminal={cfg.shift_terminal} is only supported on a flow schedule "
+                             f"(use_flow_sigmas=True or spacing='flow_match')")
         self.vp = DiscreteVP.from_betas_config(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
                                                cfg.trained_betas, cfg.get("rescale_betas_zero_snr", False))
         betas = self.vp.betas

@@ -166,6 +166,19 @@ class Solver:
         return 2 * getattr(self, "eta", 1.0) * lam
 
 
+def lower_order_final_order(grid: Grid, i: int, k: int, lower_order_final: bool, first_order_final: bool = False) -> int:
+    """Order ``k`` at step i as diffusers' DPM-Solver and DEIS cut it: order 1 at the last step when it goes into
+    clean data (sigma 0) or ``first_order_final`` holds (DPM's ``euler_at_final``), and with ``lower_order_final`` on a
+    grid of under 15 steps, order 1 at the last step and at most 2 at the one before."""
+    n = grid.num_steps
+    short = lower_order_final and n < 15
+    if i == n - 1 and (first_order_final or short or grid.sigma[n] == 0):
+        return 1
+    if i == n - 2 and short:
+        return min(k, 2)
+    return k
+
+
 def step_from_pure_noise(grid: Grid, state: State, x: torch.Tensor, x0: torch.Tensor):
     """A noise-prediction solver's step from alpha = 0 (flow sigma 1): there the noise is x / sigma exactly and
     carries nothing of the model, so the step is the exact first-order (DDIM) step through the data prediction x0,

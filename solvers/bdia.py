@@ -113,19 +113,15 @@ class BDIAScheduler(FastScheduler):
     every later step is the exact inverse of an inversion step."""
 
     @register_to_config
-    @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = False,
-                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
-                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
-                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False,
-                 gamma: float = 0.5, spacing: str | None = None, use_flow_sigmas: bool = False,
-                 flow_shift: float = 1.0, final_sigmas_type: str | None = None):
+    @shared_config(timestep_spacing="leading", final_sigmas_type=None)
+    def __init__(self, clip_sample: bool = False, set_alpha_to_one: bool = True, clip_sample_range: float = 1.0,
+                 gamma: float = 0.5):
         check_gamma(gamma)
         if not (isinstance(clip_sample_range, (int, float)) and 0 < clip_sample_range < math.inf):
             raise ValueError(f"clip_sample_range must be a positive finite number, got {clip_sample_range!r}")
         # DDIM's final alpha: 1 (set_alpha_to_one) is the clean end ("zero"), else the trained range's smallest level
         # ("sigma_min"); an explicit final_sigmas_type (the other schedulers' key) wins and sets set_alpha_to_one
+        final_sigmas_type = self.config.final_sigmas_type
         if final_sigmas_type is None:
             final_sigmas_type = "zero" if set_alpha_to_one else "sigma_min"
         self.register_to_config(final_sigmas_type=final_sigmas_type, set_alpha_to_one=final_sigmas_type == "zero")

@@ -141,7 +141,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     between the sample the solver reaches at t_{i+1} (after the corrector, for UniPC) and the teacher's
     (``fastsample.sampling.reference_states``, ``per_step`` UniPC-3 steps per interval, from the same noise).
     The best ratio seen is kept.  ``model(x, t, **model_kwargs)`` returns the scheduler's ``prediction_type``."""
-    from fastsample.parameterization import convert
+    from fastsample.driver import call_step, drive
     from fastsample.sampling import model_output, reference_states
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -149,7 +149,7 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
                          f"{iterations!r}")
     scheduler.set_timesteps(num_inference_steps)
     grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
-    n = grid.num_steps
+    n, model_time = grid.num_steps, scheduler.model_time(grid)
     with torch.no_grad():
         ref = reference if reference is not None else reference_states(model, noise, scheduler, per_step, **model_kwargs)
     ratios = [1.0] * n
@@ -157,36 +157,34 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     # the scheduler's other transforms (DualFast), then the compensation being fitted
     transforms = tuple(t for t in scheduler.prediction_transforms(n) if not isinstance(t, DynamicCompensation)) + (comp,)
 
-    def predict(x, i):
-        out = model_output(model(x, scheduler.model_time(grid)(i), **model_kwargs))
-        return convert(out, x, cfg.prediction_type, grid.alpha[i], grid.sigma[i], solver.prediction)
+    def call(x, i):
+        return model_output(model(x, model_time(i), **model_kwargs))
 
-    def reach(state, x, pred, i):  # the sample at node i + 1 that the next step continues from
-        x1, st = solver.step(grid, state, x, pred)
+    def reach(state, x, out, i):  # the sample at node i + 1 that the next step continues from (after its corrector)
+        x1, st = call_step(solver, grid, state, x, out, cfg.prediction_type, i, i)
         if i + 1 == n:
             return x1
-        return solver.step(grid, st, x1, predict(x1, i + 1))[1].last_x
+        return call_step(solver, grid, st, x1, call(x1, i + 1), cfg.prediction_type, i + 1, i + 1)[1].last_x
 
-    state, x = solver.init(grid, transforms), noise * scheduler.init_noise_sigma
-    for i in range(n):
-        with torch.no_grad():
-            pred = predict(x, i)
-        if i >= FIRST_COMPENSATED:
-            rho = torch.ones((), dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.AdamW([rho], lr=lr)
-            best = (math.inf, 1.0)
+    def fit(i, _, x, out, state):  # before step i's update: its ratio, the rest of the run's fixed
+        if i < FIRST_COMPENSATED:
+            return
+        rho = torch.ones((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([rho], lr=lr)
+        best = (math.inf, 1.0)
+        with torch.enable_grad():
             for _ in range(iterations):
                 comp.ratios[i] = rho
-                loss = (reach(state, x, pred, i) - ref[i + 1]).square().mean()
+                loss = (reach(state, x, out, i) - ref[i + 1]).square().mean()
                 if loss.item() < best[0]:
                     best = (loss.item(), rho.item())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            ratios[i] = best[1]
-            comp.ratios[i] = best[1]
-        with torch.no_grad():
-            x, state = solver.step(grid, state, x, pred)
+        ratios[i] = comp.ratios[i] = best[1]
+
+    with torch.no_grad():
+        drive(solver, grid, noise * scheduler.init_noise_sigma, call, cfg.prediction_type, transforms, callback=fit)
     return check_ratios(ratios, n, f"the ratios fitted for {n} steps")
 
 
@@ -197,7 +195,7 @@ from fastsample.scheduler import FastScheduler, SchedulerMixin, shared_config  #
 from fastsample.solver import Solver  # noqa: E402
 
 from .dpm_solver_pp import DPMSolverPlusPlus  # noqa: E402
-from .unipc import UniPC  # noqa: E402
+from .unipc import UniPC, UniPCScheduler  # noqa: E402
 
 
 class DCSolverScheduler(FastScheduler):
@@ -210,18 +208,9 @@ class DCSolverScheduler(FastScheduler):
     _peer_values = {"solver_type": {"midpoint": "bh1", "heun": "bh1", "logrho": "bh1", "tab": "bh1"}}
 
     @register_to_config
-    @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 3,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, predict_x0: bool = True, solver_type: str = "bh1",
-                 lower_order_final: bool = True, disable_corrector: list = [], use_karras_sigmas: bool = False,  # noqa: B006
-                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_flow_sigmas: bool = False,
-                 flow_shift: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
-                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
-                 sigma_min: float | None = None, sigma_max: float | None = None, spacing: str | None = None,
-                 dc_ratios: list | None = None, dc_order: int = 2, base_solver: str = "unipc", cpr=None,
-                 cpr_guidance_scale: float = 1.0):
+    @shared_config(like=UniPCScheduler)
+    def __init__(self, solver_order: int = 3, solver_type: str = "bh1", dc_ratios: list | None = None,
+                 dc_order: int = 2, base_solver: str = "unipc", cpr=None, cpr_guidance_scale: float = 1.0):
         if base_solver not in BASE_SOLVERS:
             raise ValueError(f"base_solver must be one of {BASE_SOLVERS}, got {base_solver!r}")
         if dc_order not in DC_ORDERS:

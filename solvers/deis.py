@@ -9,7 +9,7 @@ Order 1 of both is DDIM.
 from __future__ import annotations
 
 from fastsample.expint import exp_lagrange_weights, quadrature_lagrange_weights
-from fastsample.solver import Grid, Rule, Solver
+from fastsample.solver import Grid, Rule, Solver, lower_order_final_order
 
 DEIS_SOLVER_TYPES = ("tab", "logrho")
 
@@ -27,14 +27,7 @@ class DEIS(Solver):
         self.solver_type, self.lower_order_final, self.t_of_lambda = solver_type, lower_order_final, t_of_lambda
 
     def step_order(self, grid: Grid, i: int, available: int) -> int:
-        n = grid.num_steps
-        k = min(self.solver_order, available)
-        short = self.lower_order_final and n < 15
-        if i == n - 1 and (short or grid.sigma[n] == 0):
-            k = 1
-        elif i == n - 2 and short:
-            k = min(k, 2)
-        return k
+        return lower_order_final_order(grid, i, min(self.solver_order, available), self.lower_order_final)
 
     def rule(self, grid: Grid, i: int, k: int) -> Rule:
         a_s, s_s, l_s = grid.alpha[i], grid.sigma[i], grid.lam[i]
@@ -65,16 +58,12 @@ class DEISScheduler(FastScheduler):
                     "solver_type": {"midpoint": "tab", "heun": "tab", "bh1": "tab", "bh2": "tab"}}
 
     @register_to_config
-    @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, algorithm_type: str = "deis", solver_type: str = "tab",
-                 lower_order_final: bool = True, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
-                 use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0, use_dynamic_shifting: bool = False,
-                 time_shift_type: str = "exponential", final_sigmas_type: str = "sigma_min",
-                 rescale_betas_zero_snr: bool = False, spacing: str | None = None, deis_type: str | None = None):
+    @shared_config(final_sigmas_type="sigma_min")
+    def __init__(self, solver_order: int = 2, algorithm_type: str = "deis", solver_type: str = "tab",
+                 lower_order_final: bool = True, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential",
+                 deis_type: str | None = None):
         if deis_type not in (None,) + DEIS_SOLVER_TYPES:
             raise ValueError(f"deis_type must be None or one of {DEIS_SOLVER_TYPES}, got {deis_type!r}")
         self._setup()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from fastsample.solver import Grid, Rule, Solver
+from fastsample.solver import Grid, Rule, Solver, lower_order_final_order
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -67,14 +67,7 @@ class DPMSolverPlusPlus(Solver):
         self.stochastic = self.eta > 0
 
     def step_order(self, grid: Grid, i: int, available: int) -> int:
-        n = grid.num_steps
-        k = min(self.solver_order, available)
-        short = self.lower_order_final and n < 15
-        if i == n - 1 and (self.euler_at_final or short or grid.sigma[n] == 0):
-            k = 1
-        elif i == n - 2 and short:
-            k = min(k, 2)
-        return k
+        return lower_order_final_order(grid, i, min(self.solver_order, available), self.lower_order_final, self.euler_at_final)
 
     def rule(self, grid: Grid, i: int, k: int) -> Rule:
         a_s, s_s, l_s = grid.alpha[i], grid.sigma[i], grid.lam[i]
@@ -129,17 +122,13 @@ class DPMSolverPlusPlusScheduler(FastScheduler):
 
     @register_to_config
     @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
+    def __init__(self, solver_order: int = 2, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
                  lower_order_final: bool = True, euler_at_final: bool = False, use_karras_sigmas: bool = False,
-                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_lu_lambdas: bool = False,
-                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, final_sigmas_type: str = "zero",
-                 lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
-                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", eta: float | None = None,
-                 noise_type: str = "gaussian", spacing: str | None = None, third_order: str = "reference"):
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_lu_lambdas: bool = False, lambda_min_clipped: float = -float("inf"),
+                 variance_type: str | None = None, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential", eta: float | None = None, noise_type: str = "gaussian",
+                 third_order: str = "reference"):
         if variance_type not in (None, "learned", "learned_range"):
             raise ValueError(f"variance_type must be None, 'learned' or 'learned_range', got {variance_type!r}")
         self._setup()

@@ -110,15 +110,10 @@ class ERSDEScheduler(FastScheduler):
 
     @register_to_config
     @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 3,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, noise_scale: str = "er", noise_type: str = "gaussian",
-                 lower_order_final: bool = True,
-                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
-                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, timestep_spacing: str = "linspace",
-                 steps_offset: int = 0, use_dynamic_shifting: bool = False, time_shift_type: str = "exponential",
-                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False, spacing: str | None = None):
+    def __init__(self, solver_order: int = 3, noise_scale: str = "er", noise_type: str = "gaussian",
+                 lower_order_final: bool = True, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
         self._setup()
 
     def make_solver(self) -> Solver:

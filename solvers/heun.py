@@ -81,15 +81,10 @@ class HeunScheduler(FastScheduler):
     order = 2
 
     @register_to_config
-    @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
-                 use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0, use_dynamic_shifting: bool = False,
-                 time_shift_type: str = "exponential", final_sigmas_type: str = "zero",
-                 rescale_betas_zero_snr: bool = False, spacing: str | None = None):
+    @shared_config(beta_start=0.00085, beta_end=0.012)
+    def __init__(self, solver_order: int = 2, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential"):
         self._setup()
 
     def make_solver(self) -> Solver:

@@ -140,17 +140,13 @@ class SASolverScheduler(FastScheduler):
                                        "deis": "noise_prediction"}}
 
     @register_to_config
-    @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, predictor_order: int = 2, corrector_order: int = 2,
-                 prediction_type: str = "epsilon", tau: float = 1.0, tau_range: list | None = [200.0, 800.0],  # noqa: B006
-                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 algorithm_type: str = "data_prediction", lower_order_final: bool = True,
-                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
-                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, timestep_spacing: str = "linspace",
-                 steps_offset: int = 0, noise_type: str = "gaussian", final_sigmas_type: str = "sigma_min",
-                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
-                 time_shift_type: str = "exponential", spacing: str | None = None):
+    @shared_config(final_sigmas_type="sigma_min")
+    def __init__(self, predictor_order: int = 2, corrector_order: int = 2, tau: float = 1.0,
+                 tau_range: list | None = [200.0, 800.0], algorithm_type: str = "data_prediction",  # noqa: B006
+                 lower_order_final: bool = True, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 noise_type: str = "gaussian", use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential"):
         self._setup()
 
     def make_solver(self) -> Solver:

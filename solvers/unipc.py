@@ -121,19 +121,12 @@ class UniPCScheduler(FastScheduler):
 
     @register_to_config
     @shared_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, predict_x0: bool = True, solver_type: str = "bh2",
+    def __init__(self, solver_order: int = 2, predict_x0: bool = True, solver_type: str = "bh2",
                  lower_order_final: bool = True, disable_corrector: list = [], use_karras_sigmas: bool = False,  # noqa: B006
-                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_flow_sigmas: bool = False,
-                 flow_shift: float = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
-                 final_sigmas_type: str = "zero", rescale_betas_zero_snr: bool = False,
-                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min: float | None = None,
-                 sigma_max: float | None = None, shift_terminal: float | None = None, spacing: str | None = None):
-        if shift_terminal is not None and not (use_flow_sigmas or spacing == "flow_match"):
-            raise ValueError("shift_terminal is only supported on a flow schedule (use_flow_sigmas=True or "
-                             "spacing='flow_match')")
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential",
+                 sigma_min: float | None = None, sigma_max: float | None = None,
+                 shift_terminal: float | None = None):
         self._setup()
 
     def make_solver(self) -> Solver:

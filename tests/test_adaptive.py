@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_adaptive", ROOT / "scripts" / "bench_adaptive.py")
+    spec = importlib.util.spec_from_file_location("bench_adaptive", ROOT / "experiments" / "bench_adaptive.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

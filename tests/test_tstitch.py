@@ -74,7 +74,7 @@ def test_models_with_other_input_shapes_are_rejected():
 
 @pytest.mark.slow
 def test_sweep_script_records_quality_cells_then_interleaved_timings(tmp_path):
-    """scripts/tstitch_sweep.py on the shipped models: one engine cell per fraction and metric (FID against the
+    """experiments/tstitch_sweep.py on the shipped models: one engine cell per fraction and metric (FID against the
     train split, trajectory error against the large model's converged solve), the small model's call count by noise
     level, then one timing record per fraction; a rerun adds nothing."""
     import json
@@ -84,7 +84,7 @@ def test_sweep_script_records_quality_cells_then_interleaved_timings(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "t.jsonl"
-    cmd = [sys.executable, "scripts/tstitch_sweep.py", "--nfe", "4", "--fractions", "0", "0.5", "1", "--num", "24",
+    cmd = [sys.executable, "experiments/tstitch_sweep.py", "--nfe", "4", "--fractions", "0", "0.5", "1", "--num", "24",
            "--num-rmse", "4", "--batch-size", "12", "--time-batch", "4", "--time-repeats", "2", "--out", str(out),
            "--table", str(tmp_path / "t.md")]
     subprocess.run(cmd, cwd=root, check=True, capture_output=True)

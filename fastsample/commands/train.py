@@ -217,38 +217,23 @@ def run(args, p):
     ema_params, live = [ema[k] for k, _ in named], [v for _, v in named]
     abar = torch.cumprod(1 - make_betas(), 0).to(acc.device)  # diffusers' float32 training schedule
     images, labels = images.to(acc.device), labels.to(acc.device)
-    stop = {"now": False}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.update(now=True))
+    stop = _stop_flag()
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "log.jsonl", acc.is_main_process)
     guard = LossGuard(args.diverge_factor)
     losses, pending, start, start_step, last_commit = [], [], time.time(), step, time.time()
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_main_process, desc=args.model)
     while step < args.steps and not stop["now"]:
-        xt, t, noise, a, kw = _batch(args, step, acc, images, labels, abar, zoo.MODEL_CONFIGS[args.model][1])
-        lr = lr_at(step, lr=args.lr, total=args.steps, schedule=args.lr_schedule, final=args.lr_final,
-                   warmup=args.warmup, **phase)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        err = (forward(xt.contiguous(memory_format=torch.channels_last), t, **kw).sample - noise).square().mean((1, 2, 3))
-        loss = (loss_weight(a.view(-1), args.weighting) * err).mean()
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, lr = _optimiser_step(args, step, acc, model, forward, opt, (images, labels, abar), phase)
         step += 1
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, live, 1 - ema_decay_at(step, args.ema_decay))
-        pending.append(loss.detach())
+        pending.append(loss)
         over_time = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
         saving = step % args.save_every == 0 or step == args.steps or over_time or stop["now"]
         if len(pending) == 50 or saving:  # one device sync per 50 steps, not per step
             window, pending = torch.stack(pending).tolist(), []
-            reason = guard.check(window)
-            if reason is None and saving and not all_finite(ema_params + live):
-                reason = "the weights are not finite"
-            if reason is not None:
+            if (reason := _stop_reason(guard, window, ema_params + live if saving else None)) is not None:
                 log({"step": step, "event": "stopped", "reason": reason})
                 bar.close()
                 print(f"stopped at step {step}: {reason}; the last good checkpoint in {out} is kept", file=sys.stderr)
@@ -258,15 +243,52 @@ def run(args, p):
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}")
         if acc.is_main_process and saving:
             save(out, acc.unwrap_model(model), ema, opt, step, args, losses, phase)
-            log({"step": step, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
-                 "steps_per_s": round((step - start_step) / (time.time() - start), 3),
-                 "wall_s": round(time.time() - start, 1)})
+            log({"step": step, "loss": round(sum(losses) / len(losses), 5), "lr": lr, **_speed(step - start_step, start)})
             last_commit = _maybe_commit(args, out, step, log, last_commit)
         if over_time:
             break
     bar.close()
     print(f"stopped at step {step}; checkpoint in {out}")
     return 0
+
+
+def _stop_flag() -> dict:
+    """A flag that SIGTERM and SIGINT set, so that the loop saves a checkpoint and exits."""
+    stop = {"now": False}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+    return stop
+
+
+def _speed(steps: int, start: float) -> dict:
+    wall = time.time() - start
+    return {"steps_per_s": round(steps / wall, 3), "wall_s": round(wall, 1)}
+
+
+def _optimiser_step(args, step: int, acc, model, forward, opt, data, phase: dict) -> tuple[torch.Tensor, float]:
+    """One AdamW step on step ``step``'s batch at its learning rate: (the detached loss, the learning rate)."""
+    images, labels, abar = data
+    xt, t, noise, a, kw = _batch(args, step, acc, images, labels, abar, zoo.MODEL_CONFIGS[args.model][1])
+    lr = lr_at(step, lr=args.lr, total=args.steps, schedule=args.lr_schedule, final=args.lr_final,
+               warmup=args.warmup, **phase)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    err = (forward(xt.contiguous(memory_format=torch.channels_last), t, **kw).sample - noise).square().mean((1, 2, 3))
+    loss = (loss_weight(a.view(-1), args.weighting) * err).mean()
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    acc.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach(), lr
+
+
+def _stop_reason(guard: LossGuard, window: list[float], weights=None) -> str | None:
+    """Why the run must stop before it saves: a loss that is not finite or diverges in ``window``, or (``weights``
+    given: a save is due) weights that are not finite; None to go on."""
+    reason = guard.check(window)
+    if reason is None and weights is not None and not all_finite(weights):
+        reason = "the weights are not finite"
+    return reason
 
 
 def _maybe_commit(args, out, step: int, log, last_commit: float) -> float:

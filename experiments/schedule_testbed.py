@@ -1,6 +1,6 @@
 """Learned schedules against hand-made spacings on an exact testbed: held-out error against the teacher.
 
-    python scripts/schedule_testbed.py            # 8-d mixture of 3 overlapping Gaussians, 32 fitting / 200 held-out
+    python experiments/schedule_testbed.py            # 8-d mixture of 3 overlapping Gaussians, 32 fitting / 200 held-out
 
 Columns: dp (GITS-style), gradient (LD3-style, 200 Adam iterations), gradient with per-step prediction scales.
 """

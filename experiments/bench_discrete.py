@@ -1,9 +1,9 @@
 """Issue 23's measurements: few-step discrete samplers with LSD / LSD+ coefficients against the plain sampler, a
 many-step teacher and diffusers' DiscreteDDIMScheduler, on the exact testbed and on the shipped digits model.
 
-    python scripts/bench_discrete.py --part testbed   # results/discrete/testbed.{jsonl,md}
-    python scripts/bench_discrete.py --part digits    # results/discrete/digits.{jsonl,md,png}
-    python scripts/bench_discrete.py --part testbed --table   # rewrite the table from the JSONL only
+    python experiments/bench_discrete.py --part testbed   # results/discrete/testbed.{jsonl,md}
+    python experiments/bench_discrete.py --part digits    # results/discrete/digits.{jsonl,md,png}
+    python experiments/bench_discrete.py --part testbed --table   # rewrite the table from the JSONL only
 
 Testbed: a mixture of 3 product-categoricals over 6 positions and 4 values (``CategoricalMixture.random(length=6,
 vocab_size=4, components=3, concentration=0.3, seed=0)``), masked and uniform corruption; the metric is the exact KL

@@ -3,7 +3,7 @@ inversions, DDIMInverseScheduler + DDIMScheduler and DPMSolverMultistepInverseSc
 (2M), in one run, at 10, 20 and 50 steps, on the exact testbed (64-d Gaussian, image-like spectrum) and on
 fmnist-large (Fashion-MNIST test images), in float64 and float32.
 
-    python scripts/bench_inversion.py [--out results/inversion.jsonl] [--table results/inversion.md]
+    python experiments/bench_inversion.py [--out results/inversion.jsonl] [--table results/inversion.md]
 
 Each cell records the relative round-trip error ||x0' - x0|| / ||x0||, the model calls of the round trip and the
 standard deviation of the inverted latents (BDIA's inverse divides by gamma at every step, so at gamma < 1 its
@@ -104,7 +104,7 @@ def _cast(model_function, dtype):
 
 def render(records) -> str:
     lines = ["# Inversion round trips: x0 -> latents -> x0", "",
-             "`python scripts/bench_inversion.py`: relative error ||x0' - x0|| / ||x0|| (64 samples or test images "
+             "`python experiments/bench_inversion.py`: relative error ||x0' - x0|| / ||x0|| (64 samples or test images "
              "a cell; in brackets the inverted latents' standard deviation, 1 for a standard normal).  The BDIA "
              "ratio is its error over the best diffusers inversion's in the same cell.", ""]
     for problem in dict.fromkeys(r["problem"] for r in records):

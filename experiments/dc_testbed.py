@@ -1,9 +1,9 @@
 """DC-Solver on exact testbeds: held-out error against the teacher, UniPC-3 (bh1) with and without fitted ratios,
 and CPR fitted on the other NFEs predicting each NFE.
 
-    python scripts/dc_testbed.py                      # 64-d Gaussian with an image-like spectrum
-    python scripts/dc_testbed.py --testbed digits     # 10-component mixture fitted to scikit-learn's digits
-    python scripts/dc_testbed.py --model fmnist-large --fits dc/fmnist-large   # a zoo model's shipped fits
+    python experiments/dc_testbed.py                      # 64-d Gaussian with an image-like spectrum
+    python experiments/dc_testbed.py --testbed digits     # 10-component mixture fitted to scikit-learn's digits
+    python experiments/dc_testbed.py --model fmnist-large --fits dc/fmnist-large   # a zoo model's shipped fits
 
 With ``--model``, the ratios are not refitted: they come from ``<fits>/ratios.jsonl`` (``scripts/fit_dc.py``, its
 fit times too), and the held-out latents (``--num-test``) are drawn from another seed than the fits'.

@@ -1,7 +1,7 @@
 """Cost of one network call of each zoo architecture: milliseconds per image at a given batch size and thread count,
 and each model's cost as a fraction of ``fmnist-large``'s (T-Stitch gains only where the small model is cheap).
 
-    python scripts/bench_models.py [--threads 2] [--batch-size 250] [--repeats 7] [--shipped]
+    python experiments/bench_models.py [--threads 2] [--batch-size 250] [--repeats 7] [--shipped]
 
 The architectures come from ``fastsample.zoo`` (``--shipped``: the shipped folders' configs), with random weights:
 the time does not depend on them.  The models run in turn, ``--repeats`` rounds after one warm-up round, and the

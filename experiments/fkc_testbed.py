@@ -1,8 +1,8 @@
 """Feynman-Kac correctors on the exact testbeds: total variation between the exact target's component weights and
 the (weighted) particles' shares, for FKC and for the unweighted sampler (same SDE, no weights), over seeds.
 
-    python scripts/fkc_testbed.py                                  # product 2-d and 16-d, anneal, cfg; 4 seeds
-    python scripts/fkc_testbed.py --targets product --dims 16 --particles 2000 --steps 200
+    python experiments/fkc_testbed.py                                  # product 2-d and 16-d, anneal, cfg; 4 seeds
+    python experiments/fkc_testbed.py --targets product --dims 16 --particles 2000 --steps 200
 """
 from __future__ import annotations
 

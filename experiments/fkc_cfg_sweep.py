@@ -1,6 +1,6 @@
 """FKC classifier-free guidance against plain CFG on the class-conditional zoo model: class accuracy and FID.
 
-    python scripts/fkc_cfg_sweep.py --scales 1.5 3 5 --steps 25 --per-class 100 --particles 4 \\
+    python experiments/fkc_cfg_sweep.py --scales 1.5 3 5 --steps 25 --per-class 100 --particles 4 \\
         --out results/fkc-cfg.jsonl --table results/fkc-cfg.md
 
 Both methods run the same SDE (SDE-DPM-Solver++ 2, ``--steps`` steps, the zoo scheduler) from the same noise.  Plain

@@ -1,6 +1,6 @@
 """T-Stitch sweep: trajectory error, FID and wall-clock time per image against the switch fraction, small model first.
 
-    python scripts/tstitch_sweep.py --small fmnist-small --large fmnist-large --nfe 10 20 \
+    python experiments/tstitch_sweep.py --small fmnist-small --large fmnist-large --nfe 10 20 \
         --out results/fmnist-large/tstitch.jsonl --plot results/fmnist-large/tstitch.png \
         --table results/fmnist-large/tstitch.md
 

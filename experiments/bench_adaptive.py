@@ -1,7 +1,7 @@
 """Adaptive step size: fastsample's multistep embedded pairs against k-diffusion's sample_dpm_adaptive
 (DPM-Solver-23 and -12), in one run, on exact-score testbeds (VE Gaussian mixtures, sigma 80 -> 0.002).
 
-    python scripts/bench_adaptive.py [--out results/adaptive.jsonl] [--table results/adaptive.md]
+    python experiments/bench_adaptive.py [--out results/adaptive.jsonl] [--table results/adaptive.md]
 
 For each tolerance (atol = rtol / 6.4, k-diffusion's default ratio) it records each sampler's NFE and the relative
 error of the end point against the exact solution, then interpolates every sampler's error-against-NFE curve
@@ -90,7 +90,7 @@ def summary(records) -> tuple[str, dict]:
                          else f"| {s} | " + " | ".join(cells) + " | not reached | |")
         lines.append("")
     head = ("Adaptive step size on exact testbeds: NFE / relative end-point error at each rtol (atol = rtol / 6.4), "
-            "sigma 80 -> 0.002 (python scripts/bench_adaptive.py)\n\n")
+            "sigma 80 -> 0.002 (python experiments/bench_adaptive.py)\n\n")
     return head + "\n".join(lines), ratios
 
 
