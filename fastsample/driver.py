@@ -32,13 +32,14 @@ def call_step(solver, grid, state, x, out, prediction_type: str, node: int, step
 
 def drive(solver, grid, x, model_output, prediction_type: str, transforms=(), scales=None, threshold=None,
           noise=None, callback=None, after_step=None, dtype=None, progress=None):
-    """Run ``solver`` over ``grid`` from ``x``: ``model_output(x, node)`` is the model's output at grid node
-    ``node``; ``callback(node, step, x, out, state)`` runs after each model call, before its update (DC-Solver's fit
-tunes the step's ratio there); ``after_step(step, x,
-    state)`` runs after each finished step and returns (x, state), possibly replaced; ``dtype``: compute in it and
-    keep ``x``'s own dtype between calls.  Returns (the sample at the grid's last level, the final state)."""
+    """Run ``solver`` over ``grid`` from ``x``: ``model_output(x, node)`` is the model's output at grid node ``node``;
+    ``callback(node, step, x, out, state)`` runs after each model call, before its update (DC-Solver's fit tunes the
+    step's ratio there); ``after_step(step, x, state)`` runs after each finished step and returns (x, state),
+    possibly replaced; ``dtype``: compute in it and keep ``x``'s own dtype between calls; ``progress(calls)`` wraps
+    the list of model calls (a progress bar). Returns (the sample at the grid's last level, the final state)."""
     state = solver.init(grid, transforms)
-    for node, step in solver.calls(grid):
+    calls = solver.calls(grid)
+    for node, step in progress(calls) if progress is not None else calls:
         out = model_output(x, node)
         if callback is not None:
             callback(node, step, x, out, state)

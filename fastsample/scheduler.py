@@ -27,7 +27,7 @@ from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIME
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
 from .driver import call_step
-from .solver import Grid, Solver
+from .solver import Grid, Solver, check_coefficients
 
 __all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput", "shared_config"]
 
@@ -82,6 +82,7 @@ GRID_CONFIG = (("num_train_timesteps", "int", 1000), ("beta_start", "float", 0.0
 SHARED_CONFIG = (("teleport_stats", "str | None", None), ("teleport_fraction", "float", 0.0),
                  ("teleport_sigma", "float | None", None), ("learned_timesteps", "list | None", None),
                  ("learned_scales", "list | None", None), ("learned_sigmas", "list | None", None),
+                 ("learned_coefficients", "list | None", None),
                  ("dualfast", "float | dict | None", None))
 
 
@@ -150,7 +151,8 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         model = out[0] if return_unused_kwargs else out
         if fitted_to is not None:
-            fitted = [k for k in ("learned_timesteps", "dc_ratios", "cpr") if model.config.get(k) is not None]
+            fitted = [k for k in ("learned_timesteps", "learned_coefficients", "dc_ratios", "cpr")
+                      if model.config.get(k) is not None]
             if not isinstance(fitted_to, str) or not fitted:
                 raise ValueError(f"fitted_model_hash is the weights hash of what the config carries fitted (a "
                                  f"string, with learned_timesteps, dc_ratios or cpr), got {fitted_to!r}")
@@ -593,7 +595,10 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         else:
             self._scales = None
         self._grid = grid
-        self._state = self.solver.init(grid, self.prediction_transforms(grid.num_steps))
+        coefficients = self.config.get("learned_coefficients")
+        if coefficients is not None:  # per-step offsets of the solver's rules, learned with the schedule
+            coefficients = check_coefficients(coefficients, grid.num_steps + skip)[skip:]
+        self._state = self.solver.init(grid, self.prediction_transforms(grid.num_steps), coefficients)
         self._step_index = None
         self._begin_index = None
         self._tree = None

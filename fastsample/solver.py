@@ -75,6 +75,7 @@ class State:
     cache: dict = field(default_factory=dict, compare=False, repr=False)
     transforms: tuple = ()    # the run's prediction transforms (fastsample.transforms), in their declared order
     memos: tuple = ()         # each transform's per-run memory
+    offsets: tuple | None = None  # per step: learned offsets of the (corrector, predictor) rules' values, or None
 
 
 class Solver:
@@ -110,11 +111,18 @@ class Solver:
         return self.has_corrector
 
     # --- generic machinery ---------------------------------------------------------------------
-    def init(self, grid: Grid, transforms=()) -> State:
+    def init(self, grid: Grid, transforms=(), coefficients=None) -> State:
         """A fresh state for a run on ``grid``, with the run's prediction transforms (``fastsample.transforms``:
-        DualFast, DC-Solver's compensation), applied by ``step`` in the order given."""
+        DualFast, DC-Solver's compensation), applied by ``step`` in the order given, and optional learned
+        ``coefficients``: per step ``{"predictor": [d_cx, d_c0, ...], "corrector": [...]}``, offsets added to the
+        step's rule values (its ``cx`` then its ``coefs``); an empty list leaves that rule as it is."""
         transforms = check_transforms(transforms)
-        return State(transforms=transforms, memos=tuple(t.start() for t in transforms))
+        if coefficients is not None:
+            if type(self).step is not Solver.step:
+                raise ValueError(f"learned coefficients need a solver that takes the generic multistep step, not "
+                                 f"{type(self).__name__}")
+            coefficients = check_coefficients(coefficients, grid.num_steps)
+        return State(transforms=transforms, memos=tuple(t.start() for t in transforms), offsets=coefficients)
 
     def _cached(self, state: State, key, fn):
         c = state.cache.get(key)
@@ -138,12 +146,13 @@ class Solver:
         hist, memos = apply("prediction", state.transforms, state.memos, grid, i, x, (pred,) + state.history)
         if state.last_x is not None and state.orders and self.uses_corrector(grid, i):
             k = state.orders[-1]
-            rule = self._cached(state, ("c", i, k), lambda: self.corrector_rule(grid, i, k))
+            rule = self._cached(state, ("c", i, k), lambda: offset_rule(self.corrector_rule(grid, i, k), state, i,
+                                                                        "corrector"))
             if rule is not None:
                 x = combine(rule.cx, state.last_x, rule.coefs, hist, rule.noise, state.last_noise)
         hist, memos = apply("history", state.transforms, memos, grid, i, x, hist)
         k = self.step_order(grid, i, self.usable(grid, i, len(hist)))
-        rule = self._cached(state, ("p", i, k), lambda: self.rule(grid, i, k))
+        rule = self._cached(state, ("p", i, k), lambda: offset_rule(self.rule(grid, i, k), state, i, "predictor"))
         x_next = combine(rule.cx, x, rule.coefs, hist, rule.noise, noise)
         keep = self.solver_order + (1 if self.has_corrector else 0)
         new = replace(state, index=i + 1, history=hist[:keep], orders=(state.orders + (k,))[-4:], last_x=x,
@@ -164,6 +173,42 @@ class Solver:
         between the step's ends, so that a Brownian tree gives consistent noise across step counts.  For the
         DPM-Solver++ SDEs u = 2 eta lambda (their noise is sigma_t sqrt(1 - e^(-2 eta h)) z)."""
         return 2 * getattr(self, "eta", 1.0) * lam
+
+
+COEFFICIENT_PARTS = ("predictor", "corrector")
+
+
+def check_coefficients(coefficients, n: int, name: str = "learned_coefficients") -> tuple:
+    """``n`` per-step entries ``{"predictor": [...], "corrector": [...]}`` of finite offsets, as a tuple of dicts of
+    float tuples."""
+    if not isinstance(coefficients, (list, tuple)) or len(coefficients) != n:
+        got = len(coefficients) if isinstance(coefficients, (list, tuple)) else type(coefficients).__name__
+        raise ValueError(f"{name} must hold one entry per step ({n}), got {got}")
+    out = []
+    for i, entry in enumerate(coefficients):
+        if not isinstance(entry, dict) or not set(entry) <= set(COEFFICIENT_PARTS):
+            raise ValueError(f"{name}[{i}] must be a dict with the keys {COEFFICIENT_PARTS}, got {entry!r}")
+        step = {}
+        for part in COEFFICIENT_PARTS:
+            values = entry.get(part, [])
+            if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise ValueError(f"{name}[{i}][{part!r}] must be a list of finite numbers, got {values!r}")
+            step[part] = tuple(float(v) for v in values)
+        out.append(step)
+    return tuple(out)
+
+
+def offset_rule(rule: Rule | None, state: State, i: int, part: str) -> Rule | None:
+    """``rule`` with the state's learned offsets for step ``i``'s ``part`` added to its cx and coefs."""
+    if rule is None or state.offsets is None or not state.offsets[i][part]:
+        return rule
+    d = state.offsets[i][part]
+    if len(d) != 1 + len(rule.coefs):
+        raise ValueError(f"learned_coefficients[{i}][{part!r}] holds {len(d)} offsets, but the step's {part} rule has "
+                         f"{1 + len(rule.coefs)} values (cx and {len(rule.coefs)} coefs): they were fitted for another "
+                         f"solver order or grid")
+    return Rule(rule.cx + d[0], tuple(c + dj for c, dj in zip(rule.coefs, d[1:])), rule.noise)
 
 
 def lower_order_final_order(grid: Grid, i: int, k: int, lower_order_final: bool, first_order_final: bool = False) -> int:

@@ -15,7 +15,10 @@ is.  The model's time is the exact fractional time of each level, and the gradie
 embedding too.  ``ball`` > 0 is LD3's relaxation: the student starts from noise + delta, with ||delta|| <= ball *
 ||noise|| per sample, delta fitted along with theta (only theta is kept).  ``scales=True`` also fits one positive
 scale per step on the solver's prediction (x0 or eps), the continuous analogue of LSD's per-step output scales; a
-scheduler carries them as ``learned_scales``.
+scheduler carries them as ``learned_scales``.  ``coefficients=True`` also fits an additive offset of every value
+of every step's rules (the predictor's and the corrector's ``cx`` and ``coefs``, the solver's own rules at the
+start): a solver's coefficients distilled for this model and step count, as in bespoke and S4S-style solver
+learning; a scheduler carries them as ``learned_coefficients`` and ``Solver.step`` adds them to its rules.
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ from pathlib import Path
 
 import torch
 
+from fastsample.solver import check_coefficients
 from fastsample.timesteps import check_scales
 
 METHODS = ("dp", "gradient")
 TIME_UNIT = 10.0  # model-time units per unit of a decoupled time offset parameter
+COEF_UNIT = 0.1  # rule-value units per unit of a learned coefficient offset parameter
 
 
 @dataclass
@@ -46,6 +51,7 @@ class LearnedSchedule:
     model_hash: str = ""
     extra: dict = field(default_factory=dict)
     scales: list | None = None  # per-step scales of the solver's prediction (method "gradient" with scales=True)
+    coefficients: list | None = None  # per-step offsets of the solver's rules (method "gradient", coefficients=True)
 
     def save(self, path):
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -95,6 +101,8 @@ class LearnedSchedule:
             check_scales(self.scales, self.nfe, "scales")
         if min(t) < 0:
             raise ValueError(f"timesteps (model times) must be non-negative, got {t}")
+        if self.coefficients is not None:
+            check_coefficients(self.coefficients, self.nfe, "coefficients")
 
     def apply(self, scheduler, model=None):
         """``scheduler.set_timesteps`` with this schedule; warns when ``model``'s weights differ from the fitted one."""
@@ -106,8 +114,9 @@ class LearnedSchedule:
             import warnings
 
             warnings.warn(f"this schedule was learned for {self.solver}, not {type(scheduler).__name__}", stacklevel=2)
-        if self.scales is not None or scheduler.config.get("learned_scales") is not None:
-            scheduler.register_to_config(learned_scales=None if self.scales is None else list(self.scales))
+        for key, value in (("learned_scales", self.scales), ("learned_coefficients", self.coefficients)):
+            if value is not None or scheduler.config.get(key) is not None:
+                scheduler.register_to_config(**{key: None if value is None else list(value)})
         scheduler.set_timesteps(**self.grid_kwargs())
         return scheduler
 
@@ -128,8 +137,10 @@ class LearnedSchedule:
         config = {k: v for k, v in base.config.items() if k != "_use_default_values"}  # else from_config drops it
         scales = None if self.scales is None else list(self.scales)
         sigmas = list(self.sigmas[:-1]) if self.decoupled else None
+        coefficients = None if self.coefficients is None else list(self.coefficients)
         return type(base).from_config({**config, "learned_timesteps": list(self.timesteps), "learned_scales": scales,
-                                       "learned_sigmas": sigmas, "fitted_model_hash": self.model_hash or None})
+                                       "learned_sigmas": sigmas, "learned_coefficients": coefficients,
+                                       "fitted_model_hash": self.model_hash or None})
 
 
 def modules_in(model, depth: int = 4) -> list:
@@ -208,8 +219,13 @@ def learn_schedule(model, scheduler, noise: torch.Tensor, num_inference_steps: i
     steps through each interval of the ``fine_steps`` grid), ``validation`` (``(noise, teacher end points)``: the best
     iterate is chosen on these instead of the fitting set; unconditional models only), ``decouple_time``
     (False: True fits the model's time at each level apart from the level, LD3's decoupled time;
-    a scheduler then carries the levels too, as ``learned_sigmas``)."""
+    a scheduler then carries the levels too, as ``learned_sigmas``), ``coefficients`` (False: True also fits an
+    offset of every value of every step's rules, the corrector's and the predictor's ``cx`` and ``coefs``, carried
+    as ``learned_coefficients``)."""
     gradient_options = dict(gradient_options or {})
+    if scheduler.config.get("learned_coefficients") is not None:
+        raise ValueError("a schedule is fitted from the solver's own rules: the scheduler already carries "
+                         "learned_coefficients (for another grid); start from a scheduler without them")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n = num_inference_steps
@@ -316,6 +332,7 @@ class _Program:
         if scheduler.prediction_transforms(grid.num_steps) or solver.stochastic:
             raise ValueError(f"method='gradient' needs a deterministic solver without prediction transforms (DualFast, "
                              f"DC ratios), got {type(scheduler).__name__}")
+
         self.solver, self.schedule, self.Grid = solver, scheduler.schedule, Grid
         self.prediction_type = scheduler.config.prediction_type
         self.model_time = scheduler.model_time
@@ -333,6 +350,28 @@ class _Program:
             n_corr = len(solver.corrector_rule(grid, i, corr).coefs) if corr is not None else 0
             self.steps.append((corr, k, n_corr, len(solver.rule(grid, i, k).coefs)))
             prev = k
+        # where each rule's values (cx, then its coefs) sit in ``values``: the slots learned offsets go to
+        self.slots, pos = [], 0
+        for corr, _, n_corr, n_pred in self.steps:
+            pos += 3  # the model time and the conversion (cx, co)
+            step = {"corrector": list(range(pos, pos + 1 + n_corr)) if corr is not None else []}
+            pos += len(step["corrector"])
+            step["predictor"] = list(range(pos, pos + 1 + n_pred))
+            pos += 1 + n_pred
+            self.slots.append(step)
+        self.slot_index = torch.tensor([j for st in self.slots for part in ("corrector", "predictor") for j in st[part]])
+
+    def coefficients(self, flat) -> list:
+        """Offsets over ``slot_index`` (a flat vector) as the per-step ``{"predictor": ..., "corrector": ...}`` entries
+        a scheduler carries (``learned_coefficients``)."""
+        values, out, pos = [float(v) for v in flat], [], 0
+        for st in self.slots:
+            entry = {}
+            for part in ("corrector", "predictor"):
+                entry[part] = values[pos:pos + len(st[part])]
+                pos += len(st[part])
+            out.append({"predictor": entry["predictor"], "corrector": entry["corrector"]})
+        return out
 
     def grid(self, inner_lams):
         import math
@@ -358,11 +397,14 @@ class _Program:
             out += [rule.cx, *rule.coefs]
         return out
 
-    def run(self, model, x, vals, scales=None, time_offsets=None, **model_kwargs):
+    def run(self, model, x, vals, scales=None, time_offsets=None, coefficient_offsets=None, **model_kwargs):
         """The differentiable N-step solve from x with the values ``vals`` (a tensor from ``_GridValues``),
-        optional per-step scales of the prediction and optional offsets of the model's time (decoupled time)."""
+        optional per-step scales of the prediction, optional offsets of the model's time (decoupled time) and
+        optional offsets of the rules' values (over ``slot_index``)."""
         from fastsample.sampling import model_output
 
+        if coefficient_offsets is not None:
+            vals = vals.index_add(0, self.slot_index, coefficient_offsets.to(vals.dtype))
         vals = vals.to(x.dtype)
         pos, hist, last_x = 0, [], None
 
@@ -440,9 +482,10 @@ class _GradientFit:
     """The parameters of an LD3-style fit on a scheduler's grid: softmax weights ``theta`` of the inner levels'
     gaps, the start-noise relaxation ``delta``, per-step ``log_scales`` and model-time ``offsets``."""
 
-    def __init__(self, model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation):
+    def __init__(self, model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation,
+                 coefficients=False):
         self.model, self.target, self.model_kwargs = model, target, model_kwargs
-        self.scales, self.decouple_time = scales, decouple_time
+        self.scales, self.decouple_time, self.fit_coefficients = scales, decouple_time, coefficients
         self.teleported = getattr(scheduler, "teleport_origin", None) is not None
         grid = scheduler.grid  # with teleportation: the m = n - k steps left after the closed-form jump
         self.m, self.lam = grid.num_steps, list(grid.lam)
@@ -457,6 +500,8 @@ class _GradientFit:
         self.log_scales = torch.zeros(self.m, dtype=torch.float64, requires_grad=scales)
         # decoupled model time: offsets of TIME_UNIT model-time units per unit of the parameter (so lr suits both)
         self.offsets = torch.zeros(self.m, dtype=torch.float64, requires_grad=decouple_time)
+        # offsets of the rules' values: COEF_UNIT rule units per unit of the parameter
+        self.coefs = torch.zeros(len(self.program.slot_index), dtype=torch.float64, requires_grad=coefficients)
         self.validation = None
         if validation is not None:  # (noise, the teacher's end points from it): the iterate is chosen on these
             val_noise, val_target = validation
@@ -468,7 +513,7 @@ class _GradientFit:
 
     def params(self, ball: float) -> list:
         return ([self.theta] + ([self.delta] if ball > 0 else []) + ([self.log_scales] if self.scales else [])
-                + ([self.offsets] if self.decouple_time else []))
+                + ([self.offsets] if self.decouple_time else []) + ([self.coefs] if self.fit_coefficients else []))
 
     def inner(self):  # no step shorter than 1e-6 of the span, so a wild iterate cannot make a zero-length step
         w = torch.softmax(self.theta, 0).clamp_min(1e-6)
@@ -478,7 +523,8 @@ class _GradientFit:
     def run(self, start, **model_kwargs):
         vals = _GridValues.apply(self.inner(), self.program.values, 1e-6)
         return self.program.run(self.model, start, vals, self.log_scales.exp() if self.scales else None,
-                                TIME_UNIT * self.offsets if self.decouple_time else None, **model_kwargs)
+                                TIME_UNIT * self.offsets if self.decouple_time else None,
+                                COEF_UNIT * self.coefs if self.fit_coefficients else None, **model_kwargs)
 
     def full_loss(self, on_validation: bool) -> float:  # every latent, without the ball's perturbation
         start, goal = self.validation if on_validation else (self.x_T, self.target)
@@ -487,11 +533,11 @@ class _GradientFit:
             return float((x - goal).double().square().mean())
 
     def snapshot(self) -> tuple:
-        return self.theta.detach().clone(), self.log_scales.detach().clone(), self.offsets.detach().clone()
+        return tuple(v.detach().clone() for v in (self.theta, self.log_scales, self.offsets, self.coefs))
 
     def restore(self, snapshot) -> None:
         with torch.no_grad():
-            for param, value in zip((self.theta, self.log_scales, self.offsets), snapshot):
+            for param, value in zip((self.theta, self.log_scales, self.offsets, self.coefs), snapshot):
                 param.copy_(value)
 
     def batch_loss(self, idx, ball: float):
@@ -511,13 +557,14 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
                     iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
                     seed: int = 0, scales: bool = False, decouple_time: bool = False,
                     eval_every: int = 10, target: torch.Tensor | None = None,
-                    validation: tuple | None = None) -> LearnedSchedule:
+                    validation: tuple | None = None, coefficients: bool = False) -> LearnedSchedule:
     _check_gradient_options(iterations, eval_every, ball)
     scheduler.set_timesteps(n)
     teleported = getattr(scheduler, "teleport_origin", None) is not None
     target = _gradient_target(model, scheduler, noise, fine_steps, per_step, model_kwargs, target, teleported)
     scheduler.set_timesteps(n)
-    fit = _GradientFit(model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation)
+    fit = _GradientFit(model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation,
+                       coefficients)
     opt = torch.optim.Adam(fit.params(ball), lr=lr)
     g = torch.Generator().manual_seed(seed)
     # the fit returns the best iterate on the whole fitting set (or on ``validation``, which guards against fitting
@@ -542,7 +589,7 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
     extra = {"iterations": iterations, "lr": lr, "ball": ball, "first_loss": losses[0], "fine_steps": fine_steps,
              "best_iteration": best[2], "initial_loss": initial_loss,
              "selected_on": "validation" if on_validation else "fit", "selection_loss": best[0],
-             "decoupled_time": decouple_time, "teleported_steps": n - fit.m,
+             "decoupled_time": decouple_time, "coefficients": coefficients, "teleported_steps": n - fit.m,
              "teleport_fraction": scheduler.config.get("teleport_fraction") if teleported else None}
     schedule = _fitted_schedule(fit, scheduler, n, extra)
     if validation_noise is not None and not teleported:
@@ -564,14 +611,16 @@ def _fitted_schedule(fit: _GradientFit, scheduler, n: int, extra: dict) -> Learn
         x = fit.run(fit.x_T, **fit.model_kwargs)
         train_loss = float((x - fit.target).double().square().mean())
     sigmas, fitted_scales = _scheduler_units(scheduler, levels), fit.log_scales.exp().tolist() if fit.scales else None
+    coefficients = fit.program.coefficients(COEF_UNIT * fit.coefs.detach()) if fit.fit_coefficients else None
     if fit.teleported:
         plain = type(scheduler).from_config({**scheduler.config, "teleport_fraction": 0.0, "teleport_sigma": None})
         plain.set_timesteps(n)
         k = n - fit.m
         times, sigmas = [float(v) for v in plain.timesteps[:k]] + times, [float(v) for v in plain.sigmas[:k]] + sigmas
         fitted_scales = None if fitted_scales is None else [1.0] * k + fitted_scales
+        coefficients = None if coefficients is None else [{"predictor": [], "corrector": []}] * k + coefficients
     return LearnedSchedule(times, sigmas, type(scheduler).__name__, n, "gradient", train_loss, None,
-                           model_hash(fit.model), extra, fitted_scales)
+                           model_hash(fit.model), extra, fitted_scales, coefficients)
 
 
 def _scheduler_units(scheduler, levels_ve) -> list:

@@ -382,3 +382,71 @@ def test_a_shipped_schedule_used_with_other_weights_warns(tmp_path):
         sample(model, torch.randn(1, 1, 4, 4), moved, 5, progress=False)
     with pytest.raises(ValueError, match="fitted_model_hash is the weights hash of what the config carries fitted"):
         UniPCScheduler.from_config({**UniPCScheduler().config, "fitted_model_hash": 5})
+
+
+# ------------------------------------------------------------------------------------------- learned coefficients
+@pytest.mark.parametrize("cls, kw", [(UniPCScheduler, {"solver_order": 3}), (DPMSolverPlusPlusScheduler, {"solver_order": 3}),
+                                     (DEISScheduler, {"solver_order": 3})])
+def test_learned_coefficients_are_the_programs_offsets_in_every_path(problem, cls, kw, tmp_path):
+    """Offsets of the rules' values: the scheduler (after a save_pretrained round trip) and the differentiable
+    program agree to float64 round-off; with zero offsets each is the plain solver."""
+    from fastsample.solvers.learned_schedule import _GridValues, _Program
+
+    gm, train, _ = problem
+    sch = cls(**kw)
+    sch.set_timesteps(5)
+    prog = _Program(sch, sch.grid)
+    offsets = 0.02 * torch.sin(torch.arange(len(prog.slot_index), dtype=F64) + 1.0)
+    coefficients = prog.coefficients(offsets)
+    assert [len(c["predictor"]) for c in coefficients] == [1 + n for _, _, _, n in prog.steps]
+    with torch.no_grad():
+        vals = _GridValues.apply(torch.tensor(sch.grid.lam[1:-1], dtype=F64), prog.values, 1e-6)
+        y = prog.run(gm, train, vals, coefficient_offsets=offsets)
+        plain = prog.run(gm, train, vals, coefficient_offsets=torch.zeros_like(offsets))
+    carried = cls(**kw, learned_coefficients=coefficients)
+    carried.save_pretrained(tmp_path)
+    carried = cls.from_pretrained(tmp_path)
+    x, calls = sample(gm, train, carried, 5, progress=False)
+    assert calls == 5 and torch.allclose(x, y, atol=1e-12)
+    assert torch.allclose(plain, sample(gm, train, cls(**kw), 5, progress=False)[0], atol=1e-12)
+    assert (x - plain).abs().max() > 1e-3  # the offsets change the result
+
+
+def test_learned_coefficients_beat_the_learned_schedule_on_held_out_noise(problem, tmp_path):
+    """Fitting the rules' values with the schedule cuts the held-out error below the schedule (and scales) alone; the
+    fit travels as learned_coefficients through save_pretrained and gives the error it reports."""
+    gm, train, test = problem
+    opts = {"iterations": 120, "scales": True}
+    alone = learn_schedule(gm, UniPCScheduler(solver_order=3), train, 4, method="gradient", validation_noise=test,
+                           gradient_options=opts)
+    s = learn_schedule(gm, UniPCScheduler(solver_order=3), train, 4, method="gradient", validation_noise=test,
+                       gradient_options={**opts, "coefficients": True})
+    assert s.coefficients is not None and len(s.coefficients) == 4 and s.extra["coefficients"]
+    assert s.validation_error < 0.8 * alone.validation_error, (s.validation_error, alone.validation_error)
+    s.save(tmp_path / "s.json")
+    assert LearnedSchedule.load(tmp_path / "s.json").coefficients == s.coefficients
+    sch = s.scheduler(UniPCScheduler(solver_order=3))
+    sch.save_pretrained(tmp_path / "folder")
+    sch = UniPCScheduler.from_pretrained(tmp_path / "folder")
+    assert sch.config.learned_coefficients == s.coefficients
+    assert error(gm, sch, test, num_inference_steps=4) == pytest.approx(s.validation_error, rel=1e-6)
+
+
+def test_learned_coefficients_bad_input(problem):
+    gm, train, _ = problem
+    with pytest.raises(ValueError, match=r"learned_coefficients must hold one entry per step \(4\), got 2"):
+        UniPCScheduler(learned_coefficients=[{}, {}]).set_timesteps(4)
+    with pytest.raises(ValueError, match=r"learned_coefficients\[0\]\['predictor'\] must be a list of finite numbers"):
+        UniPCScheduler(learned_coefficients=[{"predictor": [float("nan")]}] * 4).set_timesteps(4)
+    with pytest.raises(ValueError, match=r"learned_coefficients\[1\] must be a dict with the keys"):
+        UniPCScheduler(learned_coefficients=[{}, {"predictr": []}, {}, {}]).set_timesteps(4)
+    sch = UniPCScheduler(solver_order=2, learned_coefficients=[{"predictor": [0.0, 0.0, 0.0, 0.0]}] * 4)
+    with pytest.raises(ValueError, match=r"learned_coefficients\[0\]\['predictor'\] holds 4 offsets, but the step's "
+                                         r"predictor rule has 2 values"):
+        sample(gm, train, sch, 4, progress=False)
+    from fastsample.solvers import HeunScheduler
+    with pytest.raises(ValueError, match="learned coefficients need a solver that takes the generic multistep step"):
+        HeunScheduler(learned_coefficients=[{}] * 2).set_timesteps(2)
+    fitted = UniPCScheduler(learned_coefficients=[{}] * 4)
+    with pytest.raises(ValueError, match="already carries learned_coefficients"):
+        learn_schedule(gm, fitted, train, 4, method="gradient", gradient_options={"iterations": 1})

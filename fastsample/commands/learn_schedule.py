@@ -52,8 +52,8 @@ def scheduler_choices() -> tuple:
     return tuple(info.name for info in solvers() if info.name != "dc")
 
 
-GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "eval_every", "ball", "scales", "decouple_time", "select_on",
-                    "teleport_fraction")
+GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "eval_every", "ball", "scales", "decouple_time", "coefficients",
+                    "select_on", "teleport_fraction")
 
 
 def arguments(p):
@@ -73,6 +73,8 @@ def arguments(p):
                    help="gradient: check the whole fitting set this often and keep the best iterate")
     p.add_argument("--ball", type=cli.number(0.0), default=0.0, help="gradient: LD3's start-noise relaxation radius")
     p.add_argument("--scales", action="store_true", help="gradient: also fit per-step prediction scales")
+    p.add_argument("--coefficients", action="store_true",
+                   help="gradient: also fit offsets of every step's solver coefficients (learned_coefficients)")
     p.add_argument("--decouple-time", action="store_true", help="gradient: fit the model's time apart from the levels")
     p.add_argument("--select-on", default="validation", choices=("validation", "fit"),
                    help="gradient: choose the best iterate on the held-out latents (default; unconditional models) "
@@ -111,6 +113,7 @@ def _model_and_noise(args, unet):
 def _name(args, nfe: int) -> str:
     return f"{args.scheduler}{args.order}-nfe{nfe}" + (
         "" if args.method == "dp" else "-gradient" + "-scales" * args.scales + "-time" * args.decouple_time
+        + "-coefs" * args.coefficients
         + (f"-teleport{args.teleport_fraction:g}" if args.teleport_fraction is not None else ""))
 
 
@@ -122,7 +125,8 @@ def run(args, p):
     classes = zoo.MODEL_CONFIGS[args.model][1]
     model, train, held_out, train_kw, held_kw = _model_and_noise(args, unet)
     options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
-               "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every}
+               "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every,
+               "coefficients": args.coefficients}
     out = Path(args.out or f"learned/{args.model}{'-flow' if flow else ''}")
     out.mkdir(parents=True, exist_ok=True)
     # the held-out teacher, once for every NFE: 4 UniPC-3 steps through each interval of the fine grid, the interval
