@@ -176,3 +176,23 @@ def test_a_subcommand_runs_end_to_end(tmp_path):
                         "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0
+
+
+def test_learn_schedule_keeps_the_fits_it_finished(tmp_path, capsys, monkeypatch):
+    """A rerun of `fastsample learn-schedule` with the same options for the same weights keeps each finished fit (a
+    kill loses at most the fit in progress); other options refit."""
+    from fastsample import commands
+    from fastsample.commands import learn_schedule as command
+
+    monkeypatch.setattr(command, "TEACHERS", tmp_path / "teachers")
+    argv = ["learn-schedule", "--model", "fmnist-small", "--method", "gradient", "--coefficients", "--nfe", "3",
+            "--num", "3", "--validation", "2", "--fine-steps", "6", "--iterations", "2", "--batch-size", "2",
+            "--threads", "1", "--out", str(tmp_path / "out")]
+    commands.main(argv)
+    first = (tmp_path / "out" / "unipc3-nfe3-gradient-coefs.json").read_text()
+    assert "kept" not in capsys.readouterr().out
+    commands.main(argv)
+    assert "unipc3-nfe3-gradient-coefs: kept" in capsys.readouterr().out
+    assert (tmp_path / "out" / "unipc3-nfe3-gradient-coefs.json").read_text() == first
+    commands.main(argv[:-2] + ["--lr", "0.01"] + argv[-2:])
+    assert "kept" not in capsys.readouterr().out

@@ -21,7 +21,7 @@ from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.sampling import reference_states
 from fastsample.guidance.cfg import ClassifierFreeGuidance
-from fastsample.solvers.learned_schedule import learn_schedule, model_hash, validation_error
+from fastsample.solvers.learned_schedule import LearnedSchedule, learn_schedule, model_hash, validation_error
 
 
 TEACHERS = Path.home() / ".cache" / "fastsample" / "teachers"
@@ -117,6 +117,24 @@ def _name(args, nfe: int) -> str:
         + (f"-teleport{args.teleport_fraction:g}" if args.teleport_fraction is not None else ""))
 
 
+def _fit_options(args) -> dict:
+    """Everything of the command that decides a fit besides the NFE and the weights."""
+    keys = ("scheduler", "order", "num", "validation", "fine_steps", "method", "seed", "parameterization") + (
+        GRADIENT_OPTIONS if args.method == "gradient" else ())
+    return {k: getattr(args, k) for k in keys} | (
+        {"guidance_scale": args.guidance_scale} if zoo.MODEL_CONFIGS[args.model][1] else {})
+
+
+def _finished(path: Path, unet, command: dict) -> bool:
+    if not path.is_file() or not path.with_suffix("").is_dir():
+        return False
+    try:
+        s = LearnedSchedule.load(path)
+    except ValueError:
+        return False
+    return s.model_hash == model_hash(unet) and s.extra.get("command") == command
+
+
 def run(args, p):
     _check(args, p)
     unet = zoo.load(args.model, parameterization=args.parameterization)
@@ -146,7 +164,12 @@ def run(args, p):
         print(f"fitting teacher ({args.num} latents): {teacher_seconds} s", flush=True)
     teleport = {} if args.teleport_fraction is None else {
         "teleport_stats": str(zoo.TELEPORT_STATS), "teleport_fraction": args.teleport_fraction}
+    command = _fit_options(args)
     for nfe in args.nfe:
+        name = _name(args, nfe)
+        if _finished(out / f"{name}.json", unet, command):  # a rerun keeps the fits it finished (a kill loses one)
+            print(f"{name}: kept (fitted with these options for these weights)", flush=True)
+            continue
         sch = make_scheduler(args.scheduler, **config, solver_order=args.order, **teleport)
         start = time.time()
         s = learn_schedule(model, sch, train, nfe, method=args.method, fine_steps=args.fine_steps,
@@ -161,8 +184,7 @@ def run(args, p):
             s.validation_error = validation_error(model, sch, s, held_out, reference=reference, **held_kw)
         s.model_hash = model_hash(unet)  # the fit saw a wrapper (a lambda or CFG): the weights are the unet's
         s.extra.update(model=args.model, fit_seconds=round(took, 1), teacher_seconds=teacher_seconds,
-                       guidance_scale=args.guidance_scale if classes else None)
-        name = _name(args, nfe)
+                       guidance_scale=args.guidance_scale if classes else None, command=command)
         s.save(out / f"{name}.json")
         s.scheduler(sch).save_pretrained(out / name)
         print(f"{name}: timesteps {s.timesteps}, held-out error {s.validation_error:.4f}, fit {took:.1f} s", flush=True)
