@@ -450,3 +450,25 @@ def test_learned_coefficients_bad_input(problem):
     fitted = UniPCScheduler(learned_coefficients=[{}] * 4)
     with pytest.raises(ValueError, match="already carries learned_coefficients"):
         learn_schedule(gm, fitted, train, 4, method="gradient", gradient_options={"iterations": 1})
+
+
+@pytest.mark.parametrize("cls", [UniPCScheduler, DPMSolverPlusPlusScheduler])
+def test_learned_coefficients_on_a_flow_schedule(cls):
+    """On FlowMatch's grid (its first level pure noise) the scheduler adds the offsets as the program does."""
+    from fastsample import zoo
+    from fastsample.schedules import RectifiedFlow
+    from fastsample.solvers.learned_schedule import _GridValues, _Program
+
+    gm = GaussianMixture.random(dim=8, components=3, seed=1, spread=1.0, schedule=RectifiedFlow(t_min=0.0),
+                                prediction_type="flow_prediction", time_scale=1000.0)
+    train = torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    sch = cls(**zoo.FLOW_CONFIG, solver_order=3)
+    sch.set_timesteps(5)
+    prog = _Program(sch, sch.grid)
+    offsets = 0.02 * torch.sin(torch.arange(len(prog.slot_index), dtype=F64) + 1.0)
+    with torch.no_grad():
+        y = prog.run(gm, train, _GridValues.apply(torch.tensor(sch.grid.lam[1:-1], dtype=F64), prog.values, 1e-6),
+                     coefficient_offsets=offsets)
+    x, _ = sample(gm, train, cls(**zoo.FLOW_CONFIG, solver_order=3, learned_coefficients=prog.coefficients(offsets)),
+                  5, progress=False)
+    assert torch.allclose(x, y, atol=1e-12)
