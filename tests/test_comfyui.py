@@ -20,6 +20,10 @@ def comfy():
     if not (CHECKOUT / "comfy" / "samplers.py").is_file():
         pytest.skip(f"no ComfyUI checkout at {CHECKOUT} (set COMFYUI_PATH)")
     sys.path.insert(0, str(CHECKOUT))
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():  # ComfyUI's --cpu: imported as a library it parses no arguments
+        comfy.cli_args.args.cpu = True
     import comfy.model_sampling
     import comfy.samplers
 
@@ -53,11 +57,12 @@ def test_our_sampler_runs_through_comfyuis_ksampler(comfy):
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     (sampler,) = nodes.FastsampleSampler().get_sampler("unipc3")
     assert isinstance(sampler, comfy.samplers.KSAMPLER)
-    out = sampler.sample(model, sig, {"seed": 0}, None, noise.clone())
-    start = sampling.noise_scaling(sig[0], noise.clone(), torch.zeros_like(noise), sampler.max_denoise(model, sig))
+    empty = torch.zeros_like(noise)  # the latent ComfyUI adds the scaled noise to (txt2img: zeros)
+    out = sampler.sample(model, sig, {"seed": 0}, None, noise.clone(), empty)
+    start = sampling.noise_scaling(sig[0], noise.clone(), empty, sampler.max_denoise(model, sig))
     ref = kd.sample_unipc3(model, start, sig, extra_args={"seed": 0}, disable=True)
     assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
     (adaptive,) = nodes.FastsampleAdaptiveSampler().get_sampler("unipc3", 0.01, 0.0016)
-    assert torch.isfinite(adaptive.sample(model, sig, {"seed": 0}, None, noise.clone())).all()
+    assert torch.isfinite(adaptive.sample(model, sig, {"seed": 0}, None, noise.clone(), empty)).all()
     (learned,) = nodes.FastsampleLearnedSigmas().get_sigmas(str(ROOT / "learned" / "fmnist-large" / "unipc3-nfe5.json"))
     assert learned.shape == (6,) and float(learned[-1]) == 0.0
