@@ -333,6 +333,11 @@ class _Program:
             raise ValueError(f"method='gradient' needs a deterministic solver without prediction transforms (DualFast, "
                              f"DC ratios), got {type(scheduler).__name__}")
 
+        if grid.alpha[0] == 0.0 and solver.prediction == "eps":
+            raise ValueError(f"method='gradient' on a grid that starts at pure noise (a flow schedule's sigma = 1) needs "
+                             f"a data-prediction solver (UniPC, DPM-Solver++): {type(scheduler).__name__} predicts the "
+                             f"noise, which the model does not give there (the scheduler takes that step exactly "
+                             f"through the data prediction instead)")
         self.solver, self.schedule, self.Grid = solver, scheduler.schedule, Grid
         self.prediction_type = scheduler.config.prediction_type
         self.model_time = scheduler.model_time

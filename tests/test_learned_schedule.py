@@ -472,3 +472,14 @@ def test_learned_coefficients_on_a_flow_schedule(cls):
     x, _ = sample(gm, train, cls(**zoo.FLOW_CONFIG, solver_order=3, learned_coefficients=prog.coefficients(offsets)),
                   5, progress=False)
     assert torch.allclose(x, y, atol=1e-12)
+
+
+def test_gradient_fit_on_a_flow_grid_refuses_a_noise_prediction_solver():
+    from fastsample import zoo
+    from fastsample.schedules import RectifiedFlow
+
+    gm = GaussianMixture.random(dim=8, components=3, seed=1, spread=1.0, schedule=RectifiedFlow(t_min=0.0),
+                                prediction_type="flow_prediction", time_scale=1000.0)
+    with pytest.raises(ValueError, match="needs a data-prediction solver .*DEISScheduler predicts the noise"):
+        learn_schedule(gm, DEISScheduler(**zoo.FLOW_CONFIG, solver_order=3), torch.randn(4, 8, dtype=F64), 4,
+                       method="gradient", gradient_options={"iterations": 1})
