@@ -746,10 +746,10 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             state = replace(state, index=k, history=(), orders=(), last_x=None) if staged else replace(state, index=k)
         x_next, state = call_step(self.solver, g, state, x, out, self.config.prediction_type, node, k, self._scales,
                                   self._threshold, lambda step: self._noise(step, x, generator, variance_noise))
-        if on_cpu:
-            self._check_result(i, timestep, x_next, **inputs)
-        self._state, self._step_index = state, i + 1
         prev = x_next.to(sample.dtype)
+        if on_cpu:  # in the sample's own dtype: a result that overflows float16 only when cast is caught too
+            self._check_result(i, timestep, prev, **inputs)
+        self._state, self._step_index = state, i + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
