@@ -155,7 +155,8 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
                       if model.config.get(k) is not None]
             if not isinstance(fitted_to, str) or not fitted:
                 raise ValueError(f"fitted_model_hash is the weights hash of what the config carries fitted (a "
-                                 f"string, with learned_timesteps, dc_ratios or cpr), got {fitted_to!r}")
+                                 f"string, with learned_timesteps, learned_coefficients, dc_ratios or cpr), got "
+                                 f"{fitted_to!r}")
             model.register_to_config(fitted_model_hash=fitted_to)
         if model.flow is not None:  # a stale FlowMatch ``shift`` from the source config must not win over ours
             model.register_to_config(shift=model.config.get("flow_shift", 1.0))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fastsample.solver import check_coefficients
+from fastsample.solver import COEFFICIENT_PARTS, check_coefficients
 from fastsample.timesteps import check_scales
 
 METHODS = ("dp", "gradient")
@@ -332,7 +332,6 @@ class _Program:
         if scheduler.prediction_transforms(grid.num_steps) or solver.stochastic:
             raise ValueError(f"method='gradient' needs a deterministic solver without prediction transforms (DualFast, "
                              f"DC ratios), got {type(scheduler).__name__}")
-
         if grid.alpha[0] == 0.0 and solver.prediction == "eps":
             raise ValueError(f"method='gradient' on a grid that starts at pure noise (a flow schedule's sigma = 1) needs "
                              f"a data-prediction solver (UniPC, DPM-Solver++): {type(scheduler).__name__} predicts the "
@@ -359,24 +358,17 @@ class _Program:
         self.slots, pos = [], 0
         for corr, _, n_corr, n_pred in self.steps:
             pos += 3  # the model time and the conversion (cx, co)
-            step = {"corrector": list(range(pos, pos + 1 + n_corr)) if corr is not None else []}
-            pos += len(step["corrector"])
-            step["predictor"] = list(range(pos, pos + 1 + n_pred))
+            corrector = list(range(pos, pos + 1 + n_corr)) if corr is not None else []
+            pos += len(corrector)
+            self.slots.append({"predictor": list(range(pos, pos + 1 + n_pred)), "corrector": corrector})
             pos += 1 + n_pred
-            self.slots.append(step)
-        self.slot_index = torch.tensor([j for st in self.slots for part in ("corrector", "predictor") for j in st[part]])
+        self.slot_index = torch.tensor([j for st in self.slots for part in COEFFICIENT_PARTS for j in st[part]])
 
     def coefficients(self, flat) -> list:
         """Offsets over ``slot_index`` (a flat vector) as the per-step ``{"predictor": ..., "corrector": ...}`` entries
         a scheduler carries (``learned_coefficients``)."""
-        values, out, pos = [float(v) for v in flat], [], 0
-        for st in self.slots:
-            entry = {}
-            for part in ("corrector", "predictor"):
-                entry[part] = values[pos:pos + len(st[part])]
-                pos += len(st[part])
-            out.append({"predictor": entry["predictor"], "corrector": entry["corrector"]})
-        return out
+        values = iter(float(v) for v in flat)
+        return [{part: [next(values) for _ in st[part]] for part in COEFFICIENT_PARTS} for st in self.slots]
 
     def grid(self, inner_lams):
         import math
