@@ -427,9 +427,14 @@ class _Program:
         return x
 
 
-def _check_gradient_options(iterations, eval_every, ball):
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _check_gradient_options(iterations, eval_every, ball, lr_schedule="constant"):
     import math
 
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if not (isinstance(iterations, int) and iterations >= 1):
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     if not (isinstance(eval_every, int) and eval_every >= 1):
@@ -554,8 +559,9 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
                     iterations: int = 200, lr: float = 0.05, batch_size: int = 10, ball: float = 0.0,
                     seed: int = 0, scales: bool = False, decouple_time: bool = False,
                     eval_every: int = 10, target: torch.Tensor | None = None,
-                    validation: tuple | None = None, coefficients: bool = False) -> LearnedSchedule:
-    _check_gradient_options(iterations, eval_every, ball)
+                    validation: tuple | None = None, coefficients: bool = False,
+                    lr_schedule: str = "constant") -> LearnedSchedule:
+    _check_gradient_options(iterations, eval_every, ball, lr_schedule)
     scheduler.set_timesteps(n)
     teleported = getattr(scheduler, "teleport_origin", None) is not None
     target = _gradient_target(model, scheduler, noise, fine_steps, per_step, model_kwargs, target, teleported)
@@ -563,6 +569,10 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
     fit = _GradientFit(model, scheduler, noise, n, target, model_kwargs, scales, decouple_time, validation,
                        coefficients)
     opt = torch.optim.Adam(fit.params(ball), lr=lr)
+    # "cosine": the step size falls from lr to 0 over the iterations, so the last iterates settle instead of
+    # wandering at Adam's constant step (which leaves the pick of the best iterate to the noise of the checks)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iterations))) \
+        if lr_schedule == "cosine" else None
     g = torch.Generator().manual_seed(seed)
     # the fit returns the best iterate on the whole fitting set (or on ``validation``, which guards against fitting
     # the fitting set's outliers), checked every ``eval_every`` iterations; the first check is the starting grid, so
@@ -575,6 +585,8 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if decay is not None:
+            decay.step()
         if ball > 0:
             fit.project_ball(ball)
         losses.append(loss.item())
@@ -583,7 +595,7 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
             if current < best[0]:
                 best = (current, fit.snapshot(), it + 1)
     fit.restore(best[1])
-    extra = {"iterations": iterations, "lr": lr, "ball": ball, "first_loss": losses[0], "fine_steps": fine_steps,
+    extra = {"iterations": iterations, "lr": lr, "lr_schedule": lr_schedule, "ball": ball, "first_loss": losses[0], "fine_steps": fine_steps,
              "best_iteration": best[2], "initial_loss": initial_loss,
              "selected_on": "validation" if on_validation else "fit", "selection_loss": best[0],
              "decoupled_time": decouple_time, "coefficients": coefficients, "teleported_steps": n - fit.m,

@@ -2,6 +2,7 @@
 before any work, and names the argument, the value and what is allowed.  The scripts run in this process (their
 ``main(argv)``): a parse error exits with status 2 before a model is loaded or a file is written."""
 import argparse
+import json
 import importlib.util
 import os
 from pathlib import Path
@@ -194,5 +195,14 @@ def test_learn_schedule_keeps_the_fits_it_finished(tmp_path, capsys, monkeypatch
     commands.main(argv)
     assert "unipc3-nfe3-gradient-coefs: kept" in capsys.readouterr().out
     assert (tmp_path / "out" / "unipc3-nfe3-gradient-coefs.json").read_text() == first
+    # a fit saved before --lr-schedule existed (its command lacks the key) was fitted at the constant step size
+    path = tmp_path / "out" / "unipc3-nfe3-gradient-coefs.json"
+    old = json.loads(first)
+    del old["extra"]["command"]["lr_schedule"]
+    path.write_text(json.dumps(old))
+    commands.main(argv)
+    assert "unipc3-nfe3-gradient-coefs: kept" in capsys.readouterr().out
+    commands.main(argv[:-2] + ["--lr-schedule", "cosine"] + argv[-2:])
+    assert "kept" not in capsys.readouterr().out
     commands.main(argv[:-2] + ["--lr", "0.01"] + argv[-2:])
     assert "kept" not in capsys.readouterr().out

@@ -170,6 +170,20 @@ def test_gradient_fit_keeps_its_best_iterate(problem):
         learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient", gradient_options={"eval_every": 0})
 
 
+def test_gradient_fit_cosine_step_size_settles_where_a_constant_one_wanders(problem):
+    """lr_schedule="cosine" lowers Adam's step size to 0 over the iterations: at a step size too large for the
+    problem the last iterate is better than the constant step size's, which keeps bouncing (same seed, same batches)."""
+    gm, train, _ = problem
+    fits = {kind: learn_schedule(gm, UniPCScheduler(solver_order=3), train, 4, method="gradient", gradient_options={
+        "iterations": 40, "lr": 0.3, "eval_every": 40, "scales": True, "coefficients": True, "lr_schedule": kind})
+        for kind in ("constant", "cosine")}
+    assert all(f.extra["best_iteration"] == 40 for f in fits.values())  # both end below the start: the last iterate
+    assert fits["cosine"].train_loss < 0.9 * fits["constant"].train_loss
+    assert fits["cosine"].extra["lr_schedule"] == "cosine"
+    with pytest.raises(ValueError, match="lr_schedule must be one of .*'linear'"):
+        learn_schedule(gm, UniPCScheduler(), train, 4, method="gradient", gradient_options={"lr_schedule": "linear"})
+
+
 def test_gradient_bad_input(problem):
     gm, train, _ = problem
     with pytest.raises(ValueError, match="deterministic solver"):

@@ -21,7 +21,7 @@ from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.sampling import reference_states
 from fastsample.guidance.cfg import ClassifierFreeGuidance
-from fastsample.solvers.learned_schedule import LearnedSchedule, learn_schedule, model_hash, validation_error
+from fastsample.solvers.learned_schedule import LR_SCHEDULES, LearnedSchedule, learn_schedule, model_hash, validation_error
 
 
 TEACHERS = Path.home() / ".cache" / "fastsample" / "teachers"
@@ -52,7 +52,7 @@ def scheduler_choices() -> tuple:
     return tuple(info.name for info in solvers() if info.name != "dc")
 
 
-GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "eval_every", "ball", "scales", "decouple_time", "coefficients",
+GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "lr_schedule", "eval_every", "ball", "scales", "decouple_time", "coefficients",
                     "select_on", "teleport_fraction")
 
 
@@ -69,6 +69,8 @@ def arguments(p):
     p.add_argument("--iterations", type=cli.integer(1), default=200, help="gradient: Adam iterations")
     p.add_argument("--batch-size", type=cli.integer(1), default=10, help="gradient: latents per iteration")
     p.add_argument("--lr", type=cli.number(0.0, open_min=True), default=0.05, help="gradient: Adam's step size")
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                   help="gradient: Adam's step size held (constant) or falling to 0 over the iterations (cosine)")
     p.add_argument("--eval-every", type=cli.integer(1), default=10,
                    help="gradient: check the whole fitting set this often and keep the best iterate")
     p.add_argument("--ball", type=cli.number(0.0), default=0.0, help="gradient: LD3's start-noise relaxation radius")
@@ -132,7 +134,10 @@ def _finished(path: Path, unet, command: dict) -> bool:
         s = LearnedSchedule.load(path)
     except ValueError:
         return False
-    return s.model_hash == model_hash(unet) and s.extra.get("command") == command
+    stored = s.extra.get("command")
+    if isinstance(stored, dict) and "lr" in stored and "lr_schedule" not in stored:  # fitted before the option
+        stored = {**stored, "lr_schedule": "constant"}
+    return s.model_hash == model_hash(unet) and stored == command
 
 
 def run(args, p):
@@ -143,7 +148,7 @@ def run(args, p):
     classes = zoo.MODEL_CONFIGS[args.model][1]
     model, train, held_out, train_kw, held_kw = _model_and_noise(args, unet)
     options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
-               "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "eval_every": args.eval_every,
+               "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "lr_schedule": args.lr_schedule, "eval_every": args.eval_every,
                "coefficients": args.coefficients}
     out = Path(args.out or f"learned/{args.model}{'-flow' if flow else ''}")
     out.mkdir(parents=True, exist_ok=True)
