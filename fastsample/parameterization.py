@@ -111,7 +111,9 @@ class FlowFromVP(torch.nn.Module):
     velocity v = eps_f - x0 = (x_f - x0) / s.  Above the VP schedule's largest level (s > sigma_max / (1 + sigma_max),
     0.99367 for the zoo's 1000 linear betas; FlowMatch grids start at s = 1) the network is evaluated at its noisiest
     timestep on the same normalised input: there it predicts x0 from almost pure noise, which is the one value a
-    network trained up to that level gives.  Call it as a diffusers model: ``model(x, timestep).sample``."""
+    network trained up to that level gives.  Below its smallest level (VE sigma 0.01 for the zoo's betas; FlowMatch
+    grids end at s = 0.001) the network is evaluated at its least noisy timestep and x0 is formed with the state's own
+    alpha and sigma.  Call it as a diffusers model: ``model(x, timestep).sample``."""
 
     def __init__(self, unet, schedule, num_train_timesteps: int = 1000):
         super().__init__()
@@ -139,9 +141,15 @@ class FlowFromVP(torch.nn.Module):
             raise ValueError(f"flow timesteps must lie in (0, {self.num_train_timesteps}], got {t.tolist()}")
         vp = self.schedule
         s_max = float(vp.sigma_ve(torch.tensor(vp.t_max, dtype=F64)))
-        ve = torch.where(s < 1, s / (1 - s).clamp_min(1e-300), torch.full_like(s, math.inf)).clamp(max=s_max)
+        level = torch.where(s < 1, s / (1 - s).clamp_min(1e-300), torch.full_like(s, math.inf))
+        ve = level.clamp(max=s_max)
         t_vp = vp.t_from_sigma_ve(ve)
-        alpha, sigma = vp.alpha_sigma(t_vp)
+        # the state's own level converts eps to x0; only above the largest trained level (where alpha -> 0) is it
+        # the clamped one.  Below the smallest trained level (the zoo's VP: sigma 0.01, flow s ~ 0.0099; FlowMatch's
+        # grids call the model at s = 0.001) the network's eps is read at its least noisy time, but x0 comes from
+        # the state's level: the clamped level's sigma would put a 10x too large share of eps into x0 there
+        alpha = 1 / torch.sqrt(1 + ve ** 2)
+        sigma = ve * alpha
         norm = torch.sqrt((1 - s) ** 2 + s ** 2)
         shape = (-1,) + (1,) * (sample.ndim - 1)
         dev, dt = sample.device, sample.dtype

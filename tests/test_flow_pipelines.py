@@ -355,6 +355,33 @@ def test_flow_view_of_a_vp_model_is_the_same_ode():
         flow(noise, torch.tensor(1200.0))
 
 
+def test_flow_view_below_the_vp_models_smallest_level():
+    """FlowMatch's grids call the model at s = 0.001, below the zoo VP schedule's smallest level (VE sigma 0.01): the
+    flow view reads eps at the network's least noisy time and forms x0 with the state's own level, so the velocity
+    v = (x - x0) / s stays the network's eps - x0 there (the clamped level's sigma, ten times the state's, would add
+    9 eps to it: on noised samples of the data that was a velocity of RMS ~20 instead of ~1)."""
+    from fastsample import sample, zoo
+
+    unet = zoo.load("fmnist-small", dtype=torch.float64)
+    flow = zoo.load("fmnist-small", dtype=torch.float64, parameterization="flow")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the network's own samples: the data it models
+        x0, _ = sample(lambda x, t: unet(x, t).sample, torch.randn(8, 1, 32, 32, generator=g, dtype=torch.float64),
+                       UniPCScheduler(**zoo.SCHEDULER_CONFIG, solver_order=3), 20, progress=False)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for s in (0.001, 0.005):
+        x = (1 - s) * x0 + s * eps
+        with torch.no_grad():
+            v, e = flow(x, torch.tensor(1000.0 * s)).sample, unet(x / np.sqrt((1 - s) ** 2 + s ** 2),
+                                                                 torch.tensor(0.0)).sample
+        ve = s / (1 - s)
+        alpha = 1 / np.sqrt(1 + ve ** 2)
+        x_vp = x / np.sqrt((1 - s) ** 2 + s ** 2)  # e: eps at the network's least noisy time
+        assert torch.allclose(v, (x - (x_vp - ve * alpha * e) / alpha) / s, atol=1e-9)
+        assert float(v.pow(2).mean().sqrt()) < 3.0
+        assert float((x - s * v - x0).abs().max()) < 0.05  # the data prediction x - s v is the clean image
+
+
 def test_sweep_on_the_flow_view(tmp_path):
     """A sweep task "<model>:flow": our schedulers on FlowMatch's schedule, diffusers' flow schedulers by name, a
     converged UniPC-3 reference on the same grid, and a clear error for a VP row."""
