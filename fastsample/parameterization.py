@@ -115,6 +115,10 @@ class FlowFromVP(torch.nn.Module):
     grids end at s = 0.001) the network is evaluated at its least noisy timestep and x0 is formed with the state's own
     alpha and sigma.  Call it as a diffusers model: ``model(x, timestep).sample``."""
 
+    # the conversion's revision (model_hash mixes it in): 2 forms x0 with the state's own level below the VP's
+    # smallest one; fits and measurements made with revision 1 do not match the weights' hash any more
+    hash_salt = "flow-from-vp/2"
+
     def __init__(self, unet, schedule, num_train_timesteps: int = 1000):
         super().__init__()
         self.unet, self.schedule, self.num_train_timesteps = unet, schedule, num_train_timesteps

@@ -194,12 +194,17 @@ def _is_module_obj(obj) -> bool:
 
 def model_hash(model) -> str:
     """A short hash of the weights a model callable holds: a torch module's, or those of the modules a wrapper
-    (a lambda, a closure, classifier-free guidance) reaches (``modules_in``); "" when it holds none."""
+    (a lambda, a closure, classifier-free guidance) reaches (``modules_in``); "" when it holds none.  A module whose
+    output is a fixed function of its weights can declare that function's revision as ``hash_salt`` (a string): a
+    corrected conversion then no longer matches what was fitted or measured with the old one."""
     modules = modules_in(model)
     if not modules:
         return ""
     h = hashlib.sha256()
     for i, module in enumerate(modules):
+        salt = getattr(module, "hash_salt", None)
+        if salt is not None:
+            h.update(f"{i}.salt={salt}".encode())
         for k, v in sorted(module.state_dict().items()):
             h.update(f"{i}.{k}".encode() if i else k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())

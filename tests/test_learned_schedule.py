@@ -363,6 +363,15 @@ def test_weights_hash_is_taken_through_wrappers():
     assert model_hash(lambda x, t: x) == ""
     other = torch.nn.Linear(3, 3)
     assert model_hash(other) != h
+    # a module's declared conversion revision (hash_salt) is part of the hash: the same weights behind a corrected
+    # conversion do not match what the old one was fitted to
+    salted = torch.nn.Linear(3, 3)
+    salted.load_state_dict(net.state_dict())
+    salted.hash_salt = "conversion/2"
+    second = model_hash(salted)
+    assert second != h and model_hash(lambda x, t: salted(x)) == second
+    salted.hash_salt = "conversion/3"
+    assert model_hash(salted) not in (h, second)
 
 
 def test_a_shipped_schedule_used_with_other_weights_warns(tmp_path):
