@@ -2,8 +2,8 @@
 before any work, and names the argument, the value and what is allowed.  The scripts run in this process (their
 ``main(argv)``): a parse error exits with status 2 before a model is loaded or a file is written."""
 import argparse
-import json
 import importlib.util
+import json
 import os
 from pathlib import Path
 
