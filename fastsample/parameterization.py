@@ -145,8 +145,7 @@ class FlowFromVP(torch.nn.Module):
             raise ValueError(f"flow timesteps must lie in (0, {self.num_train_timesteps}], got {t.tolist()}")
         vp = self.schedule
         s_max = float(vp.sigma_ve(torch.tensor(vp.t_max, dtype=F64)))
-        level = torch.where(s < 1, s / (1 - s).clamp_min(1e-300), torch.full_like(s, math.inf))
-        ve = level.clamp(max=s_max)
+        ve = torch.where(s < 1, s / (1 - s).clamp_min(1e-300), torch.full_like(s, math.inf)).clamp(max=s_max)
         t_vp = vp.t_from_sigma_ve(ve)
         # the state's own level converts eps to x0; only above the largest trained level (where alpha -> 0) is it
         # the clamped one.  Below the smallest trained level (the zoo's VP: sigma 0.01, flow s ~ 0.0099; FlowMatch's

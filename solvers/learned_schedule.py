@@ -600,7 +600,8 @@ def _learn_gradient(model, scheduler, noise, n, fine_steps, per_step, validation
             if current < best[0]:
                 best = (current, fit.snapshot(), it + 1)
     fit.restore(best[1])
-    extra = {"iterations": iterations, "lr": lr, "lr_schedule": lr_schedule, "ball": ball, "first_loss": losses[0], "fine_steps": fine_steps,
+    extra = {"iterations": iterations, "lr": lr, "lr_schedule": lr_schedule, "ball": ball, "first_loss": losses[0],
+             "fine_steps": fine_steps,
              "best_iteration": best[2], "initial_loss": initial_loss,
              "selected_on": "validation" if on_validation else "fit", "selection_loss": best[0],
              "decoupled_time": decouple_time, "coefficients": coefficients, "teleported_steps": n - fit.m,

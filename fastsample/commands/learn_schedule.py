@@ -21,7 +21,8 @@ from fastsample.sampling import model_fn
 from fastsample import make_scheduler, sample, zoo
 from fastsample.sampling import reference_states
 from fastsample.guidance.cfg import ClassifierFreeGuidance
-from fastsample.solvers.learned_schedule import LR_SCHEDULES, LearnedSchedule, learn_schedule, model_hash, validation_error
+from fastsample.solvers.learned_schedule import (LR_SCHEDULES, LearnedSchedule, learn_schedule, model_hash,
+                                                 validation_error)
 
 
 TEACHERS = Path.home() / ".cache" / "fastsample" / "teachers"
@@ -52,8 +53,10 @@ def scheduler_choices() -> tuple:
     return tuple(info.name for info in solvers() if info.name != "dc")
 
 
-GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "lr_schedule", "eval_every", "ball", "scales", "decouple_time", "coefficients",
-                    "select_on", "teleport_fraction")
+GRADIENT_OPTIONS = ("iterations", "batch_size", "lr", "lr_schedule", "eval_every", "ball", "scales", "decouple_time",
+                    "coefficients", "select_on", "teleport_fraction")
+# the gradient fit's own keywords (the command sets the iterate's pick and the teleportation itself)
+FIT_OPTIONS = tuple(k for k in GRADIENT_OPTIONS if k not in ("select_on", "teleport_fraction"))
 
 
 def arguments(p):
@@ -147,9 +150,7 @@ def run(args, p):
     config = zoo.FLOW_CONFIG if flow else zoo.SCHEDULER_CONFIG
     classes = zoo.MODEL_CONFIGS[args.model][1]
     model, train, held_out, train_kw, held_kw = _model_and_noise(args, unet)
-    options = {"iterations": args.iterations, "batch_size": args.batch_size, "ball": args.ball, "scales": args.scales,
-               "decouple_time": args.decouple_time, "seed": args.seed, "lr": args.lr, "lr_schedule": args.lr_schedule, "eval_every": args.eval_every,
-               "coefficients": args.coefficients}
+    options = {k: getattr(args, k) for k in FIT_OPTIONS} | {"seed": args.seed}
     out = Path(args.out or f"learned/{args.model}{'-flow' if flow else ''}")
     out.mkdir(parents=True, exist_ok=True)
     # the held-out teacher, once for every NFE: 4 UniPC-3 steps through each interval of the fine grid, the interval
