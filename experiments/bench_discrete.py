@@ -42,14 +42,21 @@ FITS = {  # method -> fit_lsd keywords
     "LSD (paper's score loss)": dict(learn_levels=False, loss="scores"),
     "LSD": dict(learn_levels=False, loss="states"),
     "LSD+": dict(learn_levels=True, loss="states"),
+    # the same state alignment on the last step alone: the sampler's output against the teacher's, as LD3 aligns end
+    # points; from the identity coefficients
+    "LSD+ (end state)": dict(learn_levels=True, loss="states", weighting="final"),
 }
 
 
 # the testbed only: the same alignment of the state distributions, computed exactly (exact_alignment_loss), so the
 # fit is free of the sampled MMD's noise
-EXACT_FITS = {"LSD (exact alignment)": False, "LSD+ (exact alignment)": True}  # method -> learn_levels; LSD starts
-# from the identity coefficients; LSD+ from those and from the same cell's LSD fit, keeping the lower alignment loss
-# (Powell's search is local: neither start wins every cell)
+EXACT_FITS = {  # method -> fit_lsd_exact keywords; LSD and the end-state fit start from the identity coefficients;
+    # LSD+ from those and from the same cell's LSD fit, keeping the lower alignment loss (Powell's search is local:
+    # neither start wins every cell)
+    "LSD (exact alignment)": dict(learn_levels=False),
+    "LSD+ (exact alignment)": dict(learn_levels=True),
+    "LSD+ (exact end-state alignment)": dict(learn_levels=True, weighting="final"),
+}
 
 
 # the coefficient family's headroom: LSD+'s parameters fitted to the exact KL itself (possible on the testbed only;
@@ -64,7 +71,8 @@ def testbed():
 
 def _slug(method: str) -> str:
     return {"LSD (paper's score loss)": "lsd-scores", "LSD": "lsd", "LSD+": "lsdplus", "LSD (exact alignment)": "lsd-exact",
-            "LSD+ (exact alignment)": "lsdplus-exact"}[method]
+            "LSD+ (exact alignment)": "lsdplus-exact", "LSD+ (end state)": "lsdplus-end",
+            "LSD+ (exact end-state alignment)": "lsdplus-exact-end"}[method]
 
 
 def ddim_loop(logits_fn, n, length, vocab_size, steps, temperature, seed):
@@ -94,9 +102,10 @@ def _exact_fit(m, method, steps, corruption, max_evals) -> tuple[DiscreteCoeffic
     """An exact-alignment fit and the start it came from (see EXACT_FITS), chosen on the fit's own objective."""
     starts = {"identity": None}
     warm = ARTEFACTS / f"testbed-{corruption}-{_slug('LSD (exact alignment)')}-{steps}.json"
-    if EXACT_FITS[method] and warm.exists():
+    if method == "LSD+ (exact alignment)" and warm.exists():
         starts[str(warm)] = DiscreteCoefficients.load(warm)
-    fits = {name: fit_lsd_exact(m, steps, corruption, EXACT_FITS[method], TEACHER, start=start, max_evals=max_evals)
+    fits = {name: fit_lsd_exact(m, steps, corruption, teacher_steps=TEACHER, start=start, max_evals=max_evals,
+                                **EXACT_FITS[method])
             for name, start in starts.items()}
     name = min(fits, key=lambda k: fits[k].meta["loss_fitted"])
     return fits[name], name
@@ -109,6 +118,11 @@ def save_fit(c, part, corruption, method, steps) -> str:
     return str(path)
 
 
+def _chosen(rows, methods):
+    """The rows to run: all of them, or those named by --methods, in the bench's order."""
+    return rows if not methods else [r for r in rows if r in methods]
+
+
 def run_testbed(f, done, args):
     m = testbed()
     for corruption in args.corruptions:
@@ -119,7 +133,7 @@ def run_testbed(f, done, args):
                 rows += ["plain (empirical)", "DiscreteDDIMScheduler (empirical)"]
             if (corruption, steps) in ORACLE:
                 rows.append(ORACLE_ROW)
-            for method in rows:
+            for method in _chosen(rows, args.methods):
                 key = f"testbed/{corruption}/{method}/{steps}"
                 if key in done:
                     continue
@@ -177,6 +191,8 @@ def run_digits(f, done, args):
                                                          ("plain", "DiscreteDDIMScheduler (T=1)",
                                                           "DiscreteDDIMScheduler (T=0)", *FITS)]
     for method, steps in cells:
+        if args.methods and method not in args.methods:
+            continue
         key = f"digits/uniform/{method}/{steps}"
         if key in done:
             continue
@@ -272,7 +288,14 @@ def main(argv=None):
     p.add_argument("--eval-samples", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only rewrite the table (and plot) from the JSONL")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these rows (default: every row), e.g. "
+                   "'LSD+ (exact end-state alignment)'")
     args = p.parse_args(argv)
+    known = {"plain", "DiscreteDDIMScheduler (T=1)", "DiscreteDDIMScheduler (T=0)", "plain (empirical)",
+             "DiscreteDDIMScheduler (empirical)", ORACLE_ROW, *FITS, *EXACT_FITS}
+    unknown = sorted(set(args.methods or ()) - known)
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; the rows are {sorted(known)}")
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.part}.jsonl"

@@ -284,6 +284,17 @@ def empirical_kl(testbed, samples: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ LSD and LSD+
 LOSSES = ("states", "scores")
+# how the alignment loss weighs the student's steps: all alike (the paper's sum), rising linearly to the last, or the
+# last step's state alone (the sampler's output, as LD3 aligns end points)
+WEIGHTINGS = ("uniform", "linear", "final")
+
+
+def step_weights(steps: int, weighting: str = "uniform") -> list[float]:
+    """The weight of each of a ``steps``-step student's alignment terms under ``weighting`` (:data:`WEIGHTINGS`)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    return [{"uniform": 1.0, "linear": (i + 1) / steps, "final": float(i == steps - 1)}[weighting]
+            for i in range(steps)]
 
 
 def hamming_mmd(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> float:
@@ -312,9 +323,9 @@ def _teacher_at(states: list, level: float) -> torch.Tensor:
 
 
 def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: DiscreteNoise, teacher: dict,
-                   vocab_size: int, loss: str = "states") -> float:
+                   vocab_size: int, loss: str = "states", weighting: str = "uniform") -> float:
     """The trajectory-alignment loss of a student sampler against a many-step teacher, summed over the student's
-    steps.  ``teacher`` holds the teacher's ``states`` (its states on its linear grid) and ``noise``.
+    steps with the weights :func:`step_weights` gives ``weighting``.  ``teacher`` holds the teacher's ``states`` (its states on its linear grid) and ``noise``.
 
     - ``"states"``: the squared MMD (:func:`hamming_mmd`) between the student's states and the teacher's at the
       end level of every step: the two trajectories are aligned in distribution, so the teacher's runs are
@@ -328,9 +339,11 @@ def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: Discrete
     _, states, mine = sample(denoiser, c, n, length, vocab_size, noise=noise, trajectory=True)
     total = 0.0
     cache = teacher.setdefault("predictions", {})   # the teacher's predictions at a level do not change
-    for i in range(c.steps):
+    for i, w in enumerate(step_weights(c.steps, weighting)):
+        if w == 0.0:
+            continue
         if loss == "states":
-            total += hamming_mmd(states[i + 1], _teacher_at(teacher["states"], c.levels[i + 1]))
+            total += w * hamming_mmd(states[i + 1], _teacher_at(teacher["states"], c.levels[i + 1]))
             continue
         a, x = c.levels[i], states[i]
         if a not in cache:
@@ -338,7 +351,7 @@ def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: Discrete
         theirs = cache[a]
         open_ = (x == vocab_size) if c.corruption == "mask" else torch.ones_like(x, dtype=torch.bool)
         if open_.any():
-            total += float((((mine[i] - theirs) ** 2).sum(-1) * open_).sum() / open_.sum())
+            total += w * float((((mine[i] - theirs) ** 2).sum(-1) * open_).sum() / open_.sum())
     return total
 
 
@@ -354,31 +367,39 @@ def _fit_start(steps, teacher_steps, corruption, start) -> DiscreteCoefficients:
     return start
 
 
-def exact_alignment_loss(testbed, coefficients: DiscreteCoefficients, teacher: list) -> float:
-    """The trajectory-alignment loss computed exactly on a testbed: the sum over the student's steps of
-    KL(teacher's state distribution || student's) at the end level of every step, the teacher's distributions being
+def exact_alignment_loss(testbed, coefficients: DiscreteCoefficients, teacher: list,
+                         weighting: str = "uniform") -> float:
+    """The trajectory-alignment loss computed exactly on a testbed: the sum over the student's steps (weighted as
+    :func:`step_weights` says) of KL(teacher's state distribution || student's) at the end level of every step, the
+    teacher's distributions being
     ``teacher`` (:func:`exact_trajectory` of a many-step plain sampler on the linear grid).  It is the exact value of
     what ``alignment_loss(loss="states")`` estimates from runs, with no sampling noise, so a fit of it is limited by
     the coefficient family alone."""
+    weights = step_weights(coefficients.steps, weighting)
     mine = exact_trajectory(testbed, coefficients)
     total = 0.0
-    for i in range(coefficients.steps):
+    for i, w in enumerate(weights):
+        if w == 0.0:
+            continue
         p, q = _teacher_at(teacher, coefficients.levels[i + 1]), mine[i + 1]
         on = p > 0
-        total += float((p[on] * (torch.log(p[on]) - torch.log(q[on].clamp_min(1e-300)))).sum())
+        total += w * float((p[on] * (torch.log(p[on]) - torch.log(q[on].clamp_min(1e-300)))).sum())
     return total
 
 
 def fit_lsd_exact(testbed, steps: int, corruption: str = "mask", learn_levels: bool = False,
                   teacher_steps: int = 256, start: DiscreteCoefficients | None = None,
-                  max_evals: int = 600) -> DiscreteCoefficients:
+                  max_evals: int = 600, weighting: str = "uniform") -> DiscreteCoefficients:
     """LSD (temperatures) or, with ``learn_levels``, LSD+ (and the schedule) fitted on an exact testbed by
-    :func:`exact_alignment_loss` against the ``teacher_steps``-step plain sampler's exact trajectory."""
+    :func:`exact_alignment_loss` (its steps weighted by ``weighting``) against the ``teacher_steps``-step plain
+    sampler's exact trajectory."""
     start = _fit_start(steps, teacher_steps, corruption, start)
+    step_weights(steps, weighting)
     teacher = exact_trajectory(testbed, DiscreteCoefficients.plain(teacher_steps, corruption))
-    fitted, info = fit_coefficients(lambda c: exact_alignment_loss(testbed, c, teacher), start, learn_levels,
-                                    max_evals)
-    meta = {"method": "LSD+" if learn_levels else "LSD", "loss": "exact", "teacher_steps": teacher_steps,
+    fitted, info = fit_coefficients(lambda c: exact_alignment_loss(testbed, c, teacher, weighting), start,
+                                    learn_levels, max_evals)
+    meta = {"method": "LSD+" if learn_levels else "LSD", "loss": "exact", "weighting": weighting,
+            "teacher_steps": teacher_steps,
             "loss_identity": info["before"], "loss_fitted": info["after"], "evaluations": info["evaluations"]}
     return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)
 
@@ -413,23 +434,26 @@ def fit_coefficients(objective, start: DiscreteCoefficients, learn_levels: bool 
 
 def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str = "mask", learn_levels: bool = False,
             loss: str = "states", teacher_steps: int = 256, n: int = 1000, seed: int = 0,
-            start: DiscreteCoefficients | None = None, max_evals: int = 600) -> DiscreteCoefficients:
+            start: DiscreteCoefficients | None = None, max_evals: int = 600,
+            weighting: str = "uniform") -> DiscreteCoefficients:
     """Fit a ``steps``-step sampler's coefficients by LSD (per-step temperatures) or, with ``learn_levels``, LSD+
     (temperatures and the time schedule) against the ``teacher_steps``-step plain sampler, minimising
-    :func:`alignment_loss` over ``n`` runs.  Every evaluation reuses the same noise, so the loss is a
+    :func:`alignment_loss` (its steps weighted by ``weighting``) over ``n`` runs.  Every evaluation reuses the same noise, so the loss is a
     deterministic (piecewise-constant) function of the coefficients, and :func:`fit_coefficients` searches it
     without derivatives, from ``start`` (default: the identity coefficients)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     start = _fit_start(steps, teacher_steps, corruption, start)
+    step_weights(steps, weighting)
     noise = DiscreteNoise.draw(corruption, n, length, vocab_size, seed)
     t_noise = noise if loss == "scores" else DiscreteNoise.draw(corruption, n, length, vocab_size, seed + 7919)
     _, t_states, _ = sample(denoiser, DiscreteCoefficients.plain(teacher_steps, corruption), n, length, vocab_size,
                             noise=t_noise, trajectory=True)
     teacher = {"states": t_states, "noise": t_noise}
-    fitted, info = fit_coefficients(lambda c: alignment_loss(denoiser, c, noise, teacher, vocab_size, loss), start,
-                                    learn_levels, max_evals)
-    meta = {"method": "LSD+" if learn_levels else "LSD", "loss": loss, "teacher_steps": teacher_steps, "runs": n,
+    fitted, info = fit_coefficients(lambda c: alignment_loss(denoiser, c, noise, teacher, vocab_size, loss, weighting),
+                                    start, learn_levels, max_evals)
+    meta = {"method": "LSD+" if learn_levels else "LSD", "loss": loss, "weighting": weighting,
+            "teacher_steps": teacher_steps, "runs": n,
             "seed": seed, "loss_identity": info["before"], "loss_fitted": info["after"],
             "evaluations": info["evaluations"]}
     return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)

@@ -238,3 +238,41 @@ def test_exact_alignment_is_zero_on_the_teachers_grid_and_a_fit_lowers_it(tmp_pa
     assert DiscreteCoefficients.load(tmp_path / "c.json") == c
     with pytest.raises(ValueError, match="start must be 4-step uniform coefficients"):
         fit_lsd_exact(m, 4, "uniform", start=DiscreteCoefficients.plain(4, "mask"))
+
+
+def test_step_weights_and_the_final_weighting_is_the_end_states_kl():
+    """The alignment terms' weights: all 1, rising to 1, or the last step alone; under "final" the exact alignment
+    loss is the KL between the teacher's and the student's output distributions."""
+    from fastsample.discrete import exact_alignment_loss, exact_trajectory, step_weights
+
+    assert step_weights(4, "uniform") == [1.0] * 4
+    assert step_weights(4, "linear") == [0.25, 0.5, 0.75, 1.0]
+    assert step_weights(4, "final") == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="weighting must be one of .*got 'last'"):
+        step_weights(4, "last")
+    m = CategoricalMixture.random(length=3, vocab_size=3, components=2, concentration=0.5, seed=3)
+    c = DiscreteCoefficients((0.0, 0.3, 0.7, 1.0), (1.0, 0.8, 1.3), "uniform")
+    teacher = exact_trajectory(m, DiscreteCoefficients.plain(32, "uniform"))
+    p, q = teacher[-1], exact_trajectory(m, c)[-1]
+    kl = float((p * (p.log() - q.log())).sum())
+    assert exact_alignment_loss(m, c, teacher, "final") == pytest.approx(kl, rel=1e-12)
+    parts = [exact_alignment_loss(m, c, teacher, w) for w in ("uniform", "linear", "final")]
+    assert parts[0] > parts[1] > parts[2] > 0
+
+
+def test_end_state_alignment_fits_lower_the_exact_kl():
+    """LSD+ fitted on the end state alone, by sampled MMD and exactly, lowers a 4-step uniform sampler's exact KL;
+    a bad weighting is named before any run."""
+    from fastsample.discrete import fit_lsd_exact
+
+    m = CategoricalMixture.random(length=4, vocab_size=3, components=3, concentration=0.3, seed=0)
+    den = lambda x, a: m.posterior(x, a, "uniform")  # noqa: E731
+    plain = exact_kl(m, DiscreteCoefficients.plain(4, "uniform"))
+    c = fit_lsd(den, 4, 4, 3, "uniform", learn_levels=True, n=300, max_evals=120, weighting="final")
+    assert exact_kl(m, c) < 0.9 * plain and c.meta["weighting"] == "final"
+    e = fit_lsd_exact(m, 4, "uniform", learn_levels=True, teacher_steps=64, max_evals=150, weighting="final")
+    assert exact_kl(m, e) < 0.7 * plain, (exact_kl(m, e), plain)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        fit_lsd(den, 4, 4, 3, "uniform", weighting="end")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        fit_lsd_exact(m, 4, "uniform", weighting="end")
