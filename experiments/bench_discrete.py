@@ -63,6 +63,11 @@ EXACT_FITS = {  # method -> fit_lsd_exact keywords; LSD and the end-state fit st
 # an exact KL evaluation of a masked run enumerates 5^6 partial states, so only the cheap cells get one)
 ORACLE_ROW = "oracle: LSD+ family fitted to the exact KL"
 ORACLE = {("uniform", 4), ("uniform", 8), ("mask", 4)}
+# the rows beside the fits: the testbed's uniform cells also score 200,000 samples of ours and of diffusers'; the
+# digits cells run diffusers' scheduler at temperature 1 and at the pipelines' greedy 0
+EMPIRICAL_ROWS = ["plain (empirical)", "DiscreteDDIMScheduler (empirical)"]
+DIGITS_BASELINES = ["plain", "DiscreteDDIMScheduler (T=1)", "DiscreteDDIMScheduler (T=0)"]
+ROWS = {"plain", ORACLE_ROW, *EMPIRICAL_ROWS, *DIGITS_BASELINES, *FITS, *EXACT_FITS}   # what --methods may name
 
 
 def testbed():
@@ -118,9 +123,9 @@ def save_fit(c, part, corruption, method, steps) -> str:
     return str(path)
 
 
-def _chosen(rows, methods):
-    """The rows to run: all of them, or those named by --methods, in the bench's order."""
-    return rows if not methods else [r for r in rows if r in methods]
+def _chosen(method, args) -> bool:
+    """Whether a row runs: every row, or those that --methods names."""
+    return not args.methods or method in args.methods
 
 
 def run_testbed(f, done, args):
@@ -130,10 +135,10 @@ def run_testbed(f, done, args):
         for steps in args.steps:
             rows = ["plain", *FITS, *EXACT_FITS]
             if corruption == "uniform":
-                rows += ["plain (empirical)", "DiscreteDDIMScheduler (empirical)"]
+                rows += EMPIRICAL_ROWS
             if (corruption, steps) in ORACLE:
                 rows.append(ORACLE_ROW)
-            for method in _chosen(rows, args.methods):
+            for method in filter(lambda r: _chosen(r, args), rows):
                 key = f"testbed/{corruption}/{method}/{steps}"
                 if key in done:
                     continue
@@ -188,10 +193,9 @@ def run_digits(f, done, args):
 
     n, seed = args.eval_samples, 1000
     cells = [(f"teacher ({TEACHER} steps)", TEACHER)] + [(m, s) for s in args.steps for m in
-                                                         ("plain", "DiscreteDDIMScheduler (T=1)",
-                                                          "DiscreteDDIMScheduler (T=0)", *FITS)]
+                                                         (*DIGITS_BASELINES, *FITS)]
     for method, steps in cells:
-        if args.methods and method not in args.methods:
+        if not _chosen(method, args):
             continue
         key = f"digits/uniform/{method}/{steps}"
         if key in done:
@@ -229,7 +233,7 @@ def table(part: str) -> str:
             for steps in STEPS:
                 plain = next((r["kl"] for r in recs if r["corruption"] == corruption and r["method"] == "plain"
                               and r["steps"] == steps), None)
-                order = ["plain", *FITS, *EXACT_FITS, ORACLE_ROW, "plain (empirical)", "DiscreteDDIMScheduler (empirical)"]
+                order = ["plain", *FITS, *EXACT_FITS, ORACLE_ROW, *EMPIRICAL_ROWS]
                 cell = [r for r in recs if r["corruption"] == corruption and r["steps"] == steps]
                 for r in sorted(cell, key=lambda r: order.index(r["method"])):
                     if "kl" in r:
@@ -291,11 +295,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these rows (default: every row), e.g. "
                    "'LSD+ (exact end-state alignment)'")
     args = p.parse_args(argv)
-    known = {"plain", "DiscreteDDIMScheduler (T=1)", "DiscreteDDIMScheduler (T=0)", "plain (empirical)",
-             "DiscreteDDIMScheduler (empirical)", ORACLE_ROW, *FITS, *EXACT_FITS}
-    unknown = sorted(set(args.methods or ()) - known)
+    unknown = sorted(set(args.methods or ()) - ROWS)
     if unknown:
-        p.error(f"--methods: unknown {unknown}; the rows are {sorted(known)}")
+        p.error(f"--methods: unknown {unknown}; the rows are {sorted(ROWS)}")
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.part}.jsonl"

@@ -325,7 +325,8 @@ def _teacher_at(states: list, level: float) -> torch.Tensor:
 def alignment_loss(denoiser, coefficients: DiscreteCoefficients, noise: DiscreteNoise, teacher: dict,
                    vocab_size: int, loss: str = "states", weighting: str = "uniform") -> float:
     """The trajectory-alignment loss of a student sampler against a many-step teacher, summed over the student's
-    steps with the weights :func:`step_weights` gives ``weighting``.  ``teacher`` holds the teacher's ``states`` (its states on its linear grid) and ``noise``.
+    steps with the weights :func:`step_weights` gives ``weighting``.  ``teacher`` holds the teacher's ``states``
+    (its states on its linear grid) and ``noise``.
 
     - ``"states"``: the squared MMD (:func:`hamming_mmd`) between the student's states and the teacher's at the
       end level of every step: the two trajectories are aligned in distribution, so the teacher's runs are
@@ -371,14 +372,13 @@ def exact_alignment_loss(testbed, coefficients: DiscreteCoefficients, teacher: l
                          weighting: str = "uniform") -> float:
     """The trajectory-alignment loss computed exactly on a testbed: the sum over the student's steps (weighted as
     :func:`step_weights` says) of KL(teacher's state distribution || student's) at the end level of every step, the
-    teacher's distributions being
-    ``teacher`` (:func:`exact_trajectory` of a many-step plain sampler on the linear grid).  It is the exact value of
+    teacher's distributions being ``teacher`` (:func:`exact_trajectory` of a many-step plain sampler on the linear
+    grid).  It is the exact value of
     what ``alignment_loss(loss="states")`` estimates from runs, with no sampling noise, so a fit of it is limited by
     the coefficient family alone."""
-    weights = step_weights(coefficients.steps, weighting)
     mine = exact_trajectory(testbed, coefficients)
     total = 0.0
-    for i, w in enumerate(weights):
+    for i, w in enumerate(step_weights(coefficients.steps, weighting)):
         if w == 0.0:
             continue
         p, q = _teacher_at(teacher, coefficients.levels[i + 1]), mine[i + 1]
@@ -394,13 +394,13 @@ def fit_lsd_exact(testbed, steps: int, corruption: str = "mask", learn_levels: b
     :func:`exact_alignment_loss` (its steps weighted by ``weighting``) against the ``teacher_steps``-step plain
     sampler's exact trajectory."""
     start = _fit_start(steps, teacher_steps, corruption, start)
-    step_weights(steps, weighting)
+    step_weights(steps, weighting)   # a bad weighting is named before the teacher runs
     teacher = exact_trajectory(testbed, DiscreteCoefficients.plain(teacher_steps, corruption))
     fitted, info = fit_coefficients(lambda c: exact_alignment_loss(testbed, c, teacher, weighting), start,
                                     learn_levels, max_evals)
     meta = {"method": "LSD+" if learn_levels else "LSD", "loss": "exact", "weighting": weighting,
-            "teacher_steps": teacher_steps,
-            "loss_identity": info["before"], "loss_fitted": info["after"], "evaluations": info["evaluations"]}
+            "teacher_steps": teacher_steps, "loss_identity": info["before"], "loss_fitted": info["after"],
+            "evaluations": info["evaluations"]}
     return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)
 
 
@@ -438,13 +438,13 @@ def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str 
             weighting: str = "uniform") -> DiscreteCoefficients:
     """Fit a ``steps``-step sampler's coefficients by LSD (per-step temperatures) or, with ``learn_levels``, LSD+
     (temperatures and the time schedule) against the ``teacher_steps``-step plain sampler, minimising
-    :func:`alignment_loss` (its steps weighted by ``weighting``) over ``n`` runs.  Every evaluation reuses the same noise, so the loss is a
-    deterministic (piecewise-constant) function of the coefficients, and :func:`fit_coefficients` searches it
-    without derivatives, from ``start`` (default: the identity coefficients)."""
+    :func:`alignment_loss` (its steps weighted by ``weighting``) over ``n`` runs.  Every evaluation reuses the same
+    noise, so the loss is a deterministic (piecewise-constant) function of the coefficients, and
+    :func:`fit_coefficients` searches it without derivatives, from ``start`` (default: the identity coefficients)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     start = _fit_start(steps, teacher_steps, corruption, start)
-    step_weights(steps, weighting)
+    step_weights(steps, weighting)   # a bad weighting is named before the teacher runs
     noise = DiscreteNoise.draw(corruption, n, length, vocab_size, seed)
     t_noise = noise if loss == "scores" else DiscreteNoise.draw(corruption, n, length, vocab_size, seed + 7919)
     _, t_states, _ = sample(denoiser, DiscreteCoefficients.plain(teacher_steps, corruption), n, length, vocab_size,
@@ -453,7 +453,6 @@ def fit_lsd(denoiser, steps: int, length: int, vocab_size: int, corruption: str 
     fitted, info = fit_coefficients(lambda c: alignment_loss(denoiser, c, noise, teacher, vocab_size, loss, weighting),
                                     start, learn_levels, max_evals)
     meta = {"method": "LSD+" if learn_levels else "LSD", "loss": loss, "weighting": weighting,
-            "teacher_steps": teacher_steps, "runs": n,
-            "seed": seed, "loss_identity": info["before"], "loss_fitted": info["after"],
-            "evaluations": info["evaluations"]}
+            "teacher_steps": teacher_steps, "runs": n, "seed": seed, "loss_identity": info["before"],
+            "loss_fitted": info["after"], "evaluations": info["evaluations"]}
     return DiscreteCoefficients(fitted.levels, fitted.temperatures, corruption, meta)
