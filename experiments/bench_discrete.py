@@ -3,6 +3,7 @@ many-step teacher and diffusers' DiscreteDDIMScheduler, on the exact testbed and
 
     python experiments/bench_discrete.py --part testbed   # results/discrete/testbed.{jsonl,md}
     python experiments/bench_discrete.py --part digits    # results/discrete/digits.{jsonl,md,png}
+    python experiments/bench_discrete.py --part digits-paired   # each row minus plain, paired SE: digits-paired.*
     python experiments/bench_discrete.py --part testbed --table   # rewrite the table from the JSONL only
 
 Testbed: a mixture of 3 product-categoricals over 6 positions and 4 values (``CategoricalMixture.random(length=6,
@@ -175,23 +176,41 @@ def run_testbed(f, done, args):
                       "seconds": round(time.time() - t, 1)})
 
 
-def run_digits(f, done, args):
-    from fastsample.discrete_models import LENGTH, LEVELS, DigitsEvaluator, as_denoiser, load_digits_model
+DIGITS_SEED = 1000  # the held-out seed of every digits score
+
+
+def _digits_setup():
+    from fastsample.discrete_models import DigitsEvaluator, as_denoiser, load_digits_model
 
     model = load_digits_model()
-    den = as_denoiser(model)
-    ev = DigitsEvaluator()
+    return model, as_denoiser(model), DigitsEvaluator()
 
-    def logits(x, a):
-        with torch.no_grad():
-            return model(x, torch.tensor(float(a)))
+
+def digits_samples(model, den, method, steps, n, coefficients=None):
+    """The digits cell's samples (held-out seed DIGITS_SEED): diffusers' scheduler for the DiscreteDDIM rows, else
+    our sampler with ``coefficients`` (default: the plain ones)."""
+    from fastsample.discrete_models import LENGTH, LEVELS
+
+    if method.startswith("DiscreteDDIM"):
+        def logits(x, a):
+            with torch.no_grad():
+                return model(x, torch.tensor(float(a)))
+        return ddim_loop(logits, n, LENGTH, LEVELS, steps, 1.0 if "T=1" in method else 0.0, DIGITS_SEED)
+    c = coefficients if coefficients is not None else DiscreteCoefficients.plain(steps, "uniform")
+    return sample(den, c, n, LENGTH, LEVELS, seed=DIGITS_SEED)
+
+
+def run_digits(f, done, args):
+    from fastsample.discrete_models import LENGTH, LEVELS
+
+    model, den, ev = _digits_setup()
 
     def score(x):
         fd, fd_se = ev.fd(x)
         nll, nll_se = ev.nll(x)
         return {"fd": fd, "fd_se": fd_se, "nll": nll, "nll_se": nll_se}
 
-    n, seed = args.eval_samples, 1000
+    n = args.eval_samples
     cells = [(f"teacher ({TEACHER} steps)", TEACHER)] + [(m, s) for s in args.steps for m in
                                                          (*DIGITS_BASELINES, *FITS)]
     for method, steps in cells:
@@ -202,20 +221,48 @@ def run_digits(f, done, args):
             continue
         t = time.time()
         rec = {"key": key, "part": "digits", "corruption": "uniform", "method": method, "steps": steps}
-        if method.startswith("DiscreteDDIM"):
-            temp = 1.0 if "T=1" in method else 0.0
-            x = ddim_loop(logits, n, LENGTH, LEVELS, steps, temp, seed)
-        else:
-            if method in FITS:
-                c, path = fit_cell(den, method, steps, "uniform", LENGTH, LEVELS, args.fit_runs, args.max_evals,
-                                   "digits")
-                rec.update(coefficients=path, fit=c.meta)
-            else:
-                c = DiscreteCoefficients.plain(steps, "uniform")
-            x = sample(den, c, n, LENGTH, LEVELS, seed=seed)
-        rec.update(score(x), samples=n, seed=seed, seconds=round(time.time() - t, 1))
+        c = None
+        if method in FITS:
+            c, path = fit_cell(den, method, steps, "uniform", LENGTH, LEVELS, args.fit_runs, args.max_evals, "digits")
+            rec.update(coefficients=path, fit=c.meta)
+        x = digits_samples(model, den, method, steps, n, c)
+        rec.update(score(x), samples=n, seed=DIGITS_SEED, seconds=round(time.time() - t, 1))
         f.append(rec)
         print(json.dumps(rec)[:300], flush=True)
+
+
+def run_paired(f, done, args):
+    """Each digits row against a baseline row (``--baseline``, default the plain sampler) at the same step count,
+    from the same seed: FD(row) - FD(baseline) with the paired bootstrap SE (``DigitsEvaluator.fd_difference``); the
+    fitted rows use the coefficients the digits part saved (run it first)."""
+    model, den, ev = _digits_setup()
+    n, base = args.eval_samples, args.baseline
+    for steps in args.steps:
+        plain = None
+        for method in DIGITS_BASELINES[1:] + list(FITS):
+            if not _chosen(method, args) or method == base:
+                continue
+            key = f"digits-paired/uniform/{method}/{steps}/n{n}" + ("" if base == "plain" else f"/vs {base}")
+            if key in done:
+                continue
+            c = None
+            if method in FITS:
+                path = ARTEFACTS / f"digits-uniform-{_slug(method)}-{steps}.json"
+                if not path.exists():
+                    raise SystemExit(f"{path} is missing: run --part digits --steps {steps} first")
+                c = DiscreteCoefficients.load(path)
+            t = time.time()
+            if plain is None:
+                plain = digits_samples(model, den, base, steps, n)
+            x = digits_samples(model, den, method, steps, n, c)
+            diff, se = ev.fd_difference(x, plain, bootstrap=args.bootstrap)
+            _, se_seeds = ev.fd_difference(x, plain, bootstrap=args.bootstrap, resample_reference=False)
+            rec = {"key": key, "part": "digits-paired", "corruption": "uniform", "method": method, "steps": steps,
+                   "baseline": base, "fd_minus_baseline": diff, "se": se, "se_seeds": se_seeds,
+                   "bootstrap": args.bootstrap,
+                   "samples": n, "seed": DIGITS_SEED, "seconds": round(time.time() - t, 1)}
+            f.append(rec)
+            print(json.dumps(rec)[:300], flush=True)
 
 
 def table(part: str) -> str:
@@ -243,6 +290,17 @@ def table(part: str) -> str:
                     else:
                         lines.append(f"| {steps} | {r['method']} | {r['kl_empirical']:.5f} (200k samples) | |")
             lines.append("")
+    elif part == "digits-paired":
+        lines += ["FD(row) - FD(baseline) at the same step count and sample count, from the same held-out seed "
+                  "(1000), against the 297 held-out digits. Paired bootstrap SEs (one draw of sample indices for both "
+                  "rows per replicate): 'SE' also redraws the held-out digits, 'SE (seeds)' keeps them fixed and "
+                  "covers the samples' seeds alone. Negative: the row is closer to the held-out digits.", "",
+                  "| steps | samples | method | baseline | FD - FD(baseline) | SE | z | SE (seeds) | z (seeds) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(recs, key=lambda r: (r["steps"], r["samples"], r["baseline"] != "plain", r["key"])):
+            d = r["fd_minus_baseline"]
+            lines.append(f"| {r['steps']} | {r['samples']} | {r['method']} | {r['baseline']} | {d:+.2f} | {r['se']:.2f} | "
+                         f"{d / r['se']:+.1f} | {r['se_seeds']:.2f} | {d / r['se_seeds']:+.1f} |")
     else:
         lines += ["The shipped digits-uniform model (64 tokens, 17 levels): 2,000 samples from held-out seed 1000; "
                   "FD = Fréchet distance of classifier features to the 297 held-out digits (bootstrap SE); NLL in "
@@ -283,13 +341,15 @@ def plot_digits():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("testbed", "digits"), required=True)
+    p.add_argument("--part", choices=("testbed", "digits", "digits-paired"), required=True)
     p.add_argument("--fit-runs", type=int, default=1000, help="runs in each fit's alignment loss")
     p.add_argument("--max-evals", type=int, default=600, help="loss evaluations per fit")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="the step counts to run")
     p.add_argument("--corruptions", nargs="+", choices=("mask", "uniform"), default=["mask", "uniform"],
                    help="testbed: the corruptions to run")
     p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--bootstrap", type=int, default=200, help="digits-paired: bootstrap replicates")
+    p.add_argument("--baseline", default="plain", choices=DIGITS_BASELINES, help="digits-paired: the row compared to")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only rewrite the table (and plot) from the JSONL")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these rows (default: every row), e.g. "
@@ -304,7 +364,7 @@ def main(argv=None):
     if not args.table:
         done = {r["key"] for r in read_records(path)} if path.exists() else set()
         with ResultsFile(path) as f:
-            (run_testbed if args.part == "testbed" else run_digits)(f, done, args)
+            {"testbed": run_testbed, "digits": run_digits, "digits-paired": run_paired}[args.part](f, done, args)
     print(table(args.part))
     if args.part == "digits":
         plot_digits()

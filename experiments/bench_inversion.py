@@ -28,18 +28,27 @@ from fastsample.zoo import SCHEDULER_CONFIG
 
 STEPS = [10, 20, 50]
 GAMMAS = [1.0, 0.95, 0.5]
-METHODS = [f"bdia(gamma={g})" for g in GAMMAS] + ["diffusers-ddim-inverse", "diffusers-dpm++2m-inverse"]
+HEUN_GAMMAS = [1.0, 0.95]  # BDIA on EDM's Heun (base="heun"): two model calls a step either way
+METHODS = ([f"bdia(gamma={g})" for g in GAMMAS] + [f"bdia-heun(gamma={g})" for g in HEUN_GAMMAS]
+           + ["diffusers-ddim-inverse", "diffusers-dpm++2m-inverse"])
 NO_CLIP = dict(clip_sample=False)
 
 
 def round_trip(method: str, model, x0: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(x0 regenerated, the inverted latents, model calls)."""
     if method.startswith("bdia"):
-        sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=float(method[len("bdia(gamma="):-1]))
-        inv = fastsample.invert(model, x0, sch, n)
+        base, _, gamma = method.partition("(gamma=")
+        sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=float(gamma[:-1]), base="heun" if base == "bdia-heun" else "ddim")
+        calls = []
+
+        def counted(x, t, **kw):
+            calls.append(1)
+            return model(x, t, **kw)
+
+        inv = fastsample.invert(counted, x0, sch, n)
         sch.load_inversion(inv)
         back, nfe = fastsample.sample(model, inv.latents, sch, n, progress=False)
-        return back, inv.latents, n + nfe
+        return back, inv.latents, len(calls) + nfe
     if method == "diffusers-ddim-inverse":
         inverse, forward = DDIMInverseScheduler(**SCHEDULER_CONFIG, **NO_CLIP), DDIMScheduler(**SCHEDULER_CONFIG, **NO_CLIP)
     else:

@@ -120,7 +120,8 @@ class DigitsEvaluator:
             opt.step()
         self.net.eval()
         self.mixture = fit_mixture(train_x, seed=seed)
-        self.ref = statistics(self.features(self.test_x))
+        self.ref_features = self.features(self.test_x)
+        self.ref = statistics(self.ref_features)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,27 @@ class DigitsEvaluator:
         boots = [frechet(statistics(f[torch.randint(0, len(f), (len(f),), generator=g)]), self.ref)
                  for _ in range(bootstrap)]
         return frechet(statistics(f), self.ref), float(np.std(boots, ddof=1))
+
+    def fd_difference(self, x: torch.Tensor, y: torch.Tensor, bootstrap: int = 200, seed: int = 0,
+                      resample_reference: bool = True) -> tuple[float, float]:
+        """FD(x) - FD(y) and its paired bootstrap SE: each replicate draws one set of sample indices for both (where
+        sample k of each comes from the same seed stream their errors are correlated, and pairing removes the shared
+        part) and, with
+        ``resample_reference``, one set of held-out digits, so the SE is that of the difference, not of either FD.
+        Without it the held-out digits stay fixed: the SE then covers the samples' seeds alone."""
+        if x.shape != y.shape:
+            raise ValueError(f"x and y must be paired samples of the same shape, got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 2:
+            raise ValueError(f"bootstrap must be an integer of at least 2, got {bootstrap!r}")
+        fx, fy, ref = self.features(x), self.features(y), self.ref_features
+        g = torch.Generator().manual_seed(seed)
+        boots = []
+        for _ in range(bootstrap):
+            i = torch.randint(0, len(fx), (len(fx),), generator=g)
+            r = statistics(ref[torch.randint(0, len(ref), (len(ref),), generator=g)]) if resample_reference else self.ref
+            boots.append(frechet(statistics(fx[i]), r) - frechet(statistics(fy[i]), r))
+        return frechet(statistics(fx), self.ref) - frechet(statistics(fy), self.ref), float(np.std(boots, ddof=1))
 
     def nll(self, x: torch.Tensor) -> tuple[float, float]:
         v = -self.mixture.log_prob(x)

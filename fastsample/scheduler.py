@@ -344,7 +344,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         """Forget the multistep history (the next step is first order, with no corrector): T-Stitch's option when
         the model changes mid-trajectory."""
         if self._state is not None:
-            self._state = replace(self._state, history=(), orders=(), last_x=None)
+            self._state = replace(self._state, history=(), orders=(), last_x=None, stage=())
 
     def _resolve_spacing(self) -> str:
         """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
@@ -744,7 +744,8 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             if node != k:
                 raise RuntimeError(f"model call {i} is the second stage of step {k}: begin at a step's first call")
             staged = len(self._calls) != g.num_steps
-            state = replace(state, index=k, history=(), orders=(), last_x=None) if staged else replace(state, index=k)
+            state = (replace(state, index=k, history=(), orders=(), last_x=None, stage=()) if staged else
+                     replace(state, index=k))
         x_next, state = call_step(self.solver, g, state, x, out, self.config.prediction_type, node, k, self._scales,
                                   self._threshold, lambda step: self._noise(step, x, generator, variance_noise))
         prev = x_next.to(sample.dtype)

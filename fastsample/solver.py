@@ -76,6 +76,7 @@ class State:
     transforms: tuple = ()    # the run's prediction transforms (fastsample.transforms), in their declared order
     memos: tuple = ()         # each transform's per-run memory
     offsets: tuple | None = None  # per step: learned offsets of the (corrector, predictor) rules' values, or None
+    stage: tuple = ()         # a staged solver's values carried from one call of a step to the next (BDIA-Heun)
 
 
 class Solver:

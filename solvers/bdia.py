@@ -10,6 +10,13 @@ x_{i-1} = (x_{i+1} - Phi(x_i -> i+1)) / gamma + Phi(x_i -> i-1) recovers the pas
 (``invert``): one model call a step either way.  The authors' repository recommends gamma 0.5 at 10 steps and 1.0 at
 40 for sampling, and gamma in [0.92, 1] for editing.  Inverting divides by gamma at every step, so the inverted
 latents grow like gamma^-N along the sampler's unstable mode: for editing take gamma near 1.
+
+``base="heun"`` wraps EDM's second-order sampler (Heun; the paper applies BDIA to EDM's sampling too): the forward
+step is Heun's (two model calls, the second at DDIM's first-stage sample), and the backward step is made second
+order from the same two predictions (``BDIA.stage_coefficient``).  With DDIM's first-order backward step the
+carried mismatch would be O(h^2) a step and the method first order; the paper's own backward rule for EDM was not
+readable here, so this one is ours, chosen so that BDIA keeps the base's order.  Both stages depend on x_i alone:
+the inverse needs the same two calls a step.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from fastsample.expint import combine
 from fastsample.solver import Grid, Solver
 from fastsample.timesteps import check_steps_offset
 from fastsample.transforms import apply
+from .heun import Heun
 
 
 def _ddim(grid: Grid, i: int, j: int) -> tuple[float, float]:
@@ -37,18 +45,34 @@ def check_gamma(gamma) -> float:
     return float(gamma)
 
 
+BASES = ("ddim", "heun")
+
+
+def check_base(base) -> str:
+    if base not in BASES:
+        raise ValueError(f"base must be one of {BASES} (the forward step BDIA wraps), got {base!r}")
+    return base
+
+
 class BDIA(Solver):
     name = "bdia"
     prediction = "x0"
 
-    def __init__(self, gamma: float = 0.5):
+    def __init__(self, gamma: float = 0.5, base: str = "ddim"):
         super().__init__(1)
         self.gamma = check_gamma(gamma)
+        self.base = check_base(base)
+        self._heun = Heun() if base == "heun" else None
 
     @property
     def order(self) -> int:
-        """1; gamma = 1 is the leapfrog (central) form, second order (measured in tests/test_convergence.py)."""
-        return 2 if self.gamma == 1.0 else 1
+        """DDIM base: 1; gamma = 1 is the leapfrog (central) form, second order.  Heun base: 2 for every gamma (the
+        backward step is second order too, so the mismatch it carries is O(h^3)).  Measured in
+        tests/test_convergence.py."""
+        return 2 if self.gamma == 1.0 or self.base == "heun" else 1
+
+    def calls(self, grid: Grid) -> list[tuple[int, int]]:
+        return self._heun.calls(grid) if self._heun is not None else super().calls(grid)
 
     def memory(self, grid: Grid, i: int) -> float:
         """gamma k_i, the weight of the backward step's mismatch in x_{i+1}.  The update is defined on the variance-
@@ -59,7 +83,8 @@ class BDIA(Solver):
         return self.gamma * norm[1] / norm[0]
 
     def coefficients(self, grid: Grid, i: int, first: bool) -> tuple[float, float, float]:
-        """(c_prev, c_x, c_D) of x_{i+1} = c_prev x_{i-1} + c_x x_i + c_D D_i."""
+        """(c_prev, c_x, c_D) of x_{i+1} = c_prev x_{i-1} + c_x x_i + c_D D_i (the DDIM base, and the Heun base's
+        first stage: for a two-stage step ``stage_coefficients`` adds the second prediction's terms)."""
         fx, fd = _ddim(grid, i, i + 1)
         if first or self.gamma == 0.0:
             return 0.0, fx, fd
@@ -67,24 +92,69 @@ class BDIA(Solver):
         g = self.memory(grid, i)
         return g, fx - g * bx, fd - g * bd
 
+    def stage_coefficient(self, grid: Grid, i: int, first: bool) -> float:
+        """The Heun base's two-stage step: x_{i+1} = (the DDIM-base update) + c (D_i - D'), D' the prediction at the
+        first stage's sample.  Heun's forward second stage adds c_f (D_i - D'); the backward step to node i - 1 is
+        made second order from the same two slopes: in x_bar = x / alpha against rho = sigma / alpha, the slope's
+        change over the forward interval (rho_{i+1} - rho_i) is (D_i - D') / rho_{i+1}, so the backward Taylor step
+        over d_b = rho_{i-1} - rho_i adds alpha_{i-1} d_b^2 / (2 (rho_{i+1} - rho_i) rho_{i+1}) (D_i - D') to DDIM's
+        backward step.  c = c_f - gamma k_i c_b; both stages depend on x_i alone, so the step stays invertible."""
+        (c_f,) = self._heun.second_stage(grid, i).coefs[1:]
+        if first or self.gamma == 0.0 or grid.alpha[i - 1] == 0.0:
+            return c_f  # back to pure noise (flow sigma 1) the step in rho is infinite: DDIM's backward step alone
+        rho = [grid.sigma[j] / grid.alpha[j] for j in (i - 1, i, i + 1)]
+        d_f, d_b = rho[2] - rho[1], rho[0] - rho[1]
+        c_b = grid.alpha[i - 1] * d_b ** 2 / (2 * d_f * rho[2])
+        return c_f - self.memory(grid, i) * c_b
+
     def step(self, grid: Grid, state, x, pred, noise=None):
         i = state.index
         if i >= grid.num_steps:
             raise RuntimeError(f"step {i} is past the end of the {grid.num_steps}-step grid: call set_timesteps again")
+        if state.stage:  # the Heun base's second call: x is the first stage's sample, pred D' there
+            x_i, x_prev, d_i, partial = state.stage
+            (pred,), memos = apply("prediction", state.transforms, state.memos, grid, i + 1, x, (pred,))
+            c = self._cached(state, ("s", i, x_prev is None), lambda: self.stage_coefficient(grid, i, x_prev is None))
+            x_next = combine(1.0, partial, (c, -c), (d_i, pred))
+            return x_next, replace(state, index=i + 1, history=(pred,), orders=(2,), last_x=x_i, memos=memos,
+                                   stage=())
         (pred,), memos = apply("prediction", state.transforms, state.memos, grid, i, x, (pred,))
         first = state.last_x is None
         cp, cx, cd = self._cached(state, ("b", i, first), lambda: self.coefficients(grid, i, first))
         x_next = combine(cx, x, (cd,), (pred,))
         if cp:
             x_next = x_next.add_(state.last_x, alpha=cp)
+        if self._heun is not None and self._heun._two_stages(grid, i):
+            fx, fd = _ddim(grid, i, i + 1)  # the model's next call is at the first stage, DDIM's step
+            return combine(fx, x, (fd,), (pred,)), replace(state, memos=memos,
+                                                            stage=(x, state.last_x, pred, x_next))
         return x_next, replace(state, index=i + 1, history=(pred,), orders=(1,), last_x=x, memos=memos)
 
-    def unstep(self, grid: Grid, i: int, x: torch.Tensor, x_next: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """The sample at node i - 1 from those at nodes i and i + 1 and the data prediction at node i."""
+    def forward(self, grid: Grid, i: int, x: torch.Tensor, pred: torch.Tensor, stage_pred=None) -> torch.Tensor:
+        """The base's step from node i alone (no memory): DDIM, or Heun with ``stage_pred`` the prediction at the
+        first stage's sample (None where the step has one stage)."""
+        fx, fd = _ddim(grid, i, i + 1)
+        out = combine(fx, x, (fd,), (pred,))
+        if stage_pred is not None:
+            c = self.stage_coefficient(grid, i, first=True)
+            out = combine(1.0, out, (c, -c), (pred, stage_pred))
+        return out
+
+    def unstep(self, grid: Grid, i: int, x: torch.Tensor, x_next: torch.Tensor, pred: torch.Tensor,
+               stage_pred: torch.Tensor | None = None) -> torch.Tensor:
+        """The sample at node i - 1 from those at nodes i and i + 1, the data prediction at node i and, for the
+        Heun base's two-stage steps, ``stage_pred``, the prediction at the first stage's sample."""
         if self.gamma == 0.0:
             raise ValueError("gamma = 0 is DDIM, which is not exactly invertible: use gamma > 0")
+        two = self._heun is not None and self._heun._two_stages(grid, i)
+        if two != (stage_pred is not None):
+            raise ValueError(f"step {i} has {'two stages: pass' if two else 'one stage: do not pass'} stage_pred")
         cp, cx, cd = self.coefficients(grid, i, first=False)
-        return x_next / cp - (cx / cp) * x - (cd / cp) * pred
+        out = x_next / cp - (cx / cp) * x - (cd / cp) * pred
+        if two:
+            c = self.stage_coefficient(grid, i, first=False)
+            out = out - (c / cp) * (pred - stage_pred)
+        return out
 
 
 @dataclass(frozen=True)
@@ -95,6 +165,7 @@ class Inversion:
     next_latents: torch.Tensor
     num_inference_steps: int
     gamma: float
+    base: str = "ddim"
 
 
 # ---------------------------------------------------------------------------- diffusers scheduler
@@ -115,8 +186,9 @@ class BDIAScheduler(FastScheduler):
     @register_to_config
     @shared_config(timestep_spacing="leading", final_sigmas_type=None)
     def __init__(self, clip_sample: bool = False, set_alpha_to_one: bool = True, clip_sample_range: float = 1.0,
-                 gamma: float = 0.5):
+                 gamma: float = 0.5, base: str = "ddim"):
         check_gamma(gamma)
+        check_base(base)
         if not (isinstance(clip_sample_range, (int, float)) and 0 < clip_sample_range < math.inf):
             raise ValueError(f"clip_sample_range must be a positive finite number, got {clip_sample_range!r}")
         # DDIM's final alpha: 1 (set_alpha_to_one) is the clean end ("zero"), else the trained range's smallest level
@@ -128,8 +200,13 @@ class BDIAScheduler(FastScheduler):
         self._inversion = None
         self._setup()
 
+    @property
+    def order(self) -> int:
+        """Model calls a step, as diffusers' ``HeunDiscreteScheduler`` says it for the pipelines' progress bars."""
+        return 2 if self.config.get("base", "ddim") == "heun" else 1
+
     def make_solver(self) -> Solver:
-        return BDIA(self.config.gamma)
+        return BDIA(self.config.gamma, self.config.base)
 
     def _discrete_timesteps(self, n: int) -> np.ndarray:
         """DDIMScheduler's spacings: "leading" is (0, 1, ..., n-1) T // n + steps_offset and "linspace" includes 0
@@ -177,21 +254,29 @@ class BDIAScheduler(FastScheduler):
         if inversion.gamma != self.config.gamma:
             raise ValueError(f"the inversion was made with gamma={inversion.gamma}, this scheduler has "
                              f"gamma={self.config.gamma}: regenerate with the same gamma")
+        if inversion.base != self.config.base:
+            raise ValueError(f"the inversion was made with base={inversion.base!r}, this scheduler has "
+                             f"base={self.config.base!r}: regenerate with the same base")
         self._inversion = inversion
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         inv = self._inversion
-        if inv is None or self._step_index not in (None, 0):
+        if inv is None or self._step_index not in (None, 0, 1):
             return super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
         if self.num_inference_steps != inv.num_inference_steps:
             raise ValueError(f"the loaded inversion has {inv.num_inference_steps} steps, this run "
                              f"{self.num_inference_steps}: set_timesteps({inv.num_inference_steps})")
-        if sample.shape != inv.latents.shape or not torch.allclose(sample.to(inv.latents), inv.latents.to(sample.device),
-                                                                     rtol=1e-6, atol=1e-6):
-            raise ValueError("the first sample of this run is not the loaded inversion's latents: pass "
-                             "latents=inversion.latents")
-        self._inversion = None
-        super().step(model_output, timestep, sample, generator, return_dict, **kwargs)  # the state at node 1
+        if self._step_index in (None, 0):
+            if sample.shape != inv.latents.shape or not torch.allclose(
+                    sample.to(inv.latents), inv.latents.to(sample.device), rtol=1e-6, atol=1e-6):
+                raise ValueError("the first sample of this run is not the loaded inversion's latents: pass "
+                                 "latents=inversion.latents")
+        # the call that ends the first step (the second with the Heun base's two stages) returns the second latent
+        out = super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
+        i = self._step_index - 1
+        if i + 1 < len(self._calls) and self._calls[i + 1][1] == self._calls[i][1]:
+            return out  # the first stage of a two-stage first step: the model's next call is at its sample
+        self._inversion = None  # the state is at node 1
         prev = inv.next_latents.to(device=sample.device, dtype=sample.dtype)
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
@@ -201,7 +286,7 @@ class BDIAScheduler(FastScheduler):
 def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_steps: int, progress: bool = False,
            **model_kwargs) -> Inversion:
     """The BDIA inversion of ``x0`` (a clean sample, or latents for a latent model) on ``scheduler``'s grid of
-    ``num_inference_steps`` steps: N model calls ``model(x, t, **model_kwargs)`` (with the same kwargs and guidance
+    ``num_inference_steps`` steps: as many model calls ``model(x, t, **model_kwargs)`` as a run (with the same kwargs and guidance
     as the regeneration will use).  The first inverse step, from x0 to the last noisy level, is DDIM's (its choice
     does not affect exactness); every other one is the exact inverse of a BDIA step.  Regenerate with
     ``scheduler.load_inversion(inv)`` and a run from ``inv.latents``."""
@@ -223,7 +308,7 @@ def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_step
     if n < 2:
         raise ValueError(f"num_inference_steps must be >= 2 to invert (two latents regenerate), got {num_inference_steps}")
     cdt = scheduler.compute_dtype(x0)
-    ts = scheduler.timesteps
+    ts = dict(zip((node for node, _ in solver.calls(grid)), scheduler.timesteps))  # the model's time at each node
 
     def predict(x, i, t=None):  # the data prediction at node i as the scheduler's step converts it; the model
         out = model_output(model(x.to(x0.dtype), ts[i] if t is None else t, **model_kwargs)).to(cdt)  # at ts[i]
@@ -240,9 +325,13 @@ def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_step
     # the samples at nodes i + 1 and i, each rounded to x0's dtype, as a run stores its samples between steps
     later, x = x_end.to(x0.dtype).to(cdt), x_prev.to(x0.dtype).to(cdt)
     for i in tqdm(range(n - 1, 0, -1), disable=not progress, leave=False):
-        earlier = solver.unstep(grid, i, x, later, predict(x, i)).to(x0.dtype).to(cdt)
+        d, stage = predict(x, i), None
+        if solver.base == "heun" and Heun._two_stages(grid, i):  # the second call, at the first stage's sample
+            fx, fd = _ddim(grid, i, i + 1)
+            stage = predict((fx * x + fd * d).to(x0.dtype).to(cdt), i + 1)
+        earlier = solver.unstep(grid, i, x, later, d, stage).to(x0.dtype).to(cdt)
         later, x = x, earlier
-    return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma)
+    return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma, solver.base)
 
 
 from fastsample.registry import Variant, register  # noqa: E402
@@ -250,4 +339,6 @@ from fastsample.registry import Variant, register  # noqa: E402
 register("bdia", BDIAScheduler, diffusers_peer="DDIMScheduler", peer_options={"gamma": 0.0},
          variants=[Variant("bdia05", {"gamma": 0.5}, 1),
                    # gamma = 1: x_{i+1} - x_{i-1} = Phi(x_i -> i+1) - Phi(x_i -> i-1), a central (leapfrog) step
-                   Variant("bdia1", {"gamma": 1.0}, 2)])
+                   Variant("bdia1", {"gamma": 1.0}, 2),
+                   # on EDM's Heun, the backward step second order too: second order at every gamma
+                   Variant("bdia-heun05", {"gamma": 0.5, "base": "heun"}, 2)])

@@ -1,4 +1,4 @@
-"""BDIA: gamma 0 is diffusers' DDIM; the update and its inverse are exact; invert + regenerate round-trips x0 (float64
+"""BDIA: gamma 0 is diffusers' DDIM (and, on the Heun base, our Heun); the update and its inverse are exact; invert + regenerate round-trips x0 (float64
 1e-10, float32 1e-5), in fastsample.sample and in a Stable Diffusion pipeline; bad input is named."""
 import math
 
@@ -62,17 +62,56 @@ def test_step_and_unstep_are_exact_inverses():
     assert torch.allclose(solver.unstep(g, 5, x, x_next, d), x_prev, rtol=0, atol=1e-12)
 
 
+def test_heun_base_step_and_unstep_are_exact_inverses():
+    """The two-stage step: the first call returns DDIM's first-stage sample, the second the BDIA-Heun update, which
+    is linear in (x_{i-1}, x_i, D_i, D'); unstep recovers x_{i-1} from it."""
+    sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=0.7, base="heun")
+    sch.set_timesteps(12)
+    g, solver = sch.grid, BDIA(0.7, "heun")
+    gen = torch.Generator().manual_seed(0)
+    x_prev, x, d, d2 = (torch.randn(4, 9, generator=gen, dtype=F64) for _ in range(4))
+    state = type(solver.init(g))(index=5, last_x=x_prev)
+    x_stage, state = solver.step(g, state, x.clone(), d)
+    fx, fd = g.sigma[6] / g.sigma[5], g.alpha[6] - g.alpha[5] * g.sigma[6] / g.sigma[5]
+    assert state.index == 5 and torch.allclose(x_stage, fx * x + fd * d, rtol=0, atol=1e-14)
+    x_next, state = solver.step(g, state, x_stage, d2)
+    cp, cx, cd = solver.coefficients(g, 5, first=False)
+    c = solver.stage_coefficient(g, 5, first=False)
+    assert state.index == 6 and torch.equal(state.last_x, x) and state.stage == ()
+    assert torch.allclose(x_next, cp * x_prev + cx * x + cd * d + c * (d - d2), rtol=0, atol=1e-13)
+    assert torch.allclose(solver.unstep(g, 5, x, x_next, d, d2), x_prev, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="step 5 has two stages: pass stage_pred"):
+        solver.unstep(g, 5, x, x_next, d)
+
+
+def test_heun_base_at_gamma_zero_is_heun(mixture):
+    """On the scheduler's grid, through the scheduler: gamma 0 on the Heun base is our Heun solver (itself equal to
+    diffusers' HeunDiscreteScheduler, tests/test_equality.py) with the same 2N - 1 calls."""
+    from fastsample.sampling import integrate
+    from fastsample.solvers import Heun
+
+    x = noise()
+    for n in (5, 12):
+        sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=0.0, base="heun")
+        ours, nfe = fastsample.sample(mixture, x, sch, n, progress=False)
+        heun = integrate(mixture, x.clone(), Heun(), sch.grid, "epsilon")
+        assert nfe == 2 * n - 1 and float((ours - heun).abs().max()) < 1e-12
+    assert BDIAScheduler(base="heun").order == 2 and BDIAScheduler().order == 1
+
+
+@pytest.mark.parametrize("base", ["ddim", "heun"])
 @pytest.mark.parametrize("gamma", [1.0, 0.95])
 @pytest.mark.parametrize("n", [10, 20, 50])
-def test_round_trip_float64_and_float32(mixture, gamma, n):
+def test_round_trip_float64_and_float32(mixture, base, gamma, n):
+    calls = n if base == "ddim" else 2 * n - 1
     for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-5)):
-        sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=gamma)
+        sch = BDIAScheduler(**SCHEDULER_CONFIG, gamma=gamma, base=base)
         x0 = mixture.sample_data(8, torch.Generator().manual_seed(1)).to(dtype)
         inv = fastsample.invert(mixture, x0, sch, n)
         assert isinstance(inv, Inversion) and inv.latents.dtype == dtype and inv.num_inference_steps == n
         sch.load_inversion(inv)
         back, nfe = fastsample.sample(mixture, inv.latents, sch, n, progress=False)
-        assert nfe == n and float((back - x0).norm() / x0.norm()) < tol, (dtype, gamma, n)
+        assert nfe == calls and float((back - x0).norm() / x0.norm()) < tol, (dtype, gamma, n)
         # the load is consumed: a second run is a plain BDIA sample (its first step a DDIM step)
         again = fastsample.sample(mixture, inv.latents, sch, n, progress=False)[0]
         assert float((again - x0).norm() / x0.norm()) > 10 * tol
@@ -94,14 +133,15 @@ def test_ddim_inversion_is_not_exact_where_bdia_is(mixture):
     assert bdia_err < 1e-12 and ddim_err > 1e-3
 
 
-def test_flow_model_round_trip():
+@pytest.mark.parametrize("base", ["ddim", "heun"])
+def test_flow_model_round_trip(base):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from fastsample.schedules import RectifiedFlow
 
     gm = GaussianMixture.random(dim=4, components=3, seed=1, schedule=RectifiedFlow(t_min=0.0),
                                 prediction_type="flow_prediction", time_scale=1000.0)
-    sch = BDIAScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, gamma=1.0)
+    sch = BDIAScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, gamma=1.0, base=base)
     x0 = gm.sample_data(6, torch.Generator().manual_seed(2))
     inv = fastsample.invert(gm, x0, sch, 12)
     sch.load_inversion(inv)
@@ -109,11 +149,11 @@ def test_flow_model_round_trip():
     assert float((back - x0).norm() / x0.norm()) < 1e-10
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_stable_diffusion_pipeline_round_trip_and_edit(sd_components, guidance_scale):  # noqa: F811
+@pytest.mark.parametrize("guidance_scale, base", [(1.0, "ddim"), (3.0, "ddim"), (3.0, "heun")])
+def test_stable_diffusion_pipeline_round_trip_and_edit(sd_components, guidance_scale, base):  # noqa: F811
     """Invert latents with prompt A through the pipeline's own guided UNet, regenerate in the pipeline: the latents
     come back to 1e-5 (float32).  With prompt B (the edit) the pipeline runs from the same inversion."""
-    sch = BDIAScheduler(**SD_BETAS, steps_offset=1, set_alpha_to_one=False, gamma=1.0)
+    sch = BDIAScheduler(**SD_BETAS, steps_offset=1, set_alpha_to_one=False, gamma=1.0, base=base)
     pipe = sd_pipe(sd_components, sch)
     x0 = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0)) * 0.8
     model = PromptGuidance.from_pipeline(pipe, PROMPT, guidance_scale)
@@ -132,6 +172,7 @@ def test_stable_diffusion_pipeline_round_trip_and_edit(sd_components, guidance_s
 @pytest.mark.parametrize("build, call, match", [
     (lambda: BDIAScheduler(gamma=1.5), None, r"gamma must be a number in \[0, 1\]"),
     (lambda: BDIAScheduler(gamma=math.nan), None, "gamma must be"),
+    (lambda: BDIAScheduler(base="dpm"), None, r"base must be one of \('ddim', 'heun'\) .*got 'dpm'"),
     (lambda: BDIAScheduler(clip_sample=True, clip_sample_range=0.0), None, "clip_sample_range must be"),
     (lambda: BDIAScheduler(gamma=0.0), lambda s, m, x: fastsample.invert(m, x, s, 10), "not exactly invertible"),
     (lambda: DDIMScheduler(), lambda s, m, x: fastsample.invert(m, x, s, 10), "invert needs a BDIAScheduler"),
@@ -158,3 +199,5 @@ def test_loaded_inversion_must_match_the_run(mixture):
         fastsample.sample(mixture, inv.latents + 1, sch, 8, progress=False)
     with pytest.raises(ValueError, match="made with gamma=1.0"):
         BDIAScheduler(**SCHEDULER_CONFIG, gamma=0.5).load_inversion(inv)
+    with pytest.raises(ValueError, match="made with base='ddim'"):
+        BDIAScheduler(**SCHEDULER_CONFIG, gamma=1.0, base="heun").load_inversion(inv)
