@@ -60,16 +60,18 @@ def round_trip(method: str, model, x0: torch.Tensor, n: int) -> tuple[torch.Tens
 
 
 def cases(num_images: int):
-    """(name, model, x0 in float64) for each problem."""
+    """(name, the model's weights hash or "exact", model, x0 in float64) for each problem."""
     gauss = GaussianMixture.image_like(64, seed=0, mean_scale=0.5, schedule=DiscreteVP(make_betas()))
-    yield "testbed", gauss, gauss.sample_data(num_images, torch.Generator().manual_seed(1))
+    yield "testbed", "exact", gauss, gauss.sample_data(num_images, torch.Generator().manual_seed(1))
     from fastsample import zoo
     from fastsample.data import load_fashion_mnist
     from fastsample.sampling import model_fn
+    from fastsample.solvers.learned_schedule import model_hash
 
-    unet = zoo.load("fmnist-large").double()
+    unet = zoo.load("fmnist-large")
+    weights = model_hash(unet)
     images, _ = load_fashion_mnist("test")
-    yield "fmnist-large", model_fn(unet), images[:num_images].double()
+    yield "fmnist-large", weights, model_fn(unet.double()), images[:num_images].double()
 
 
 def main(argv=None):
@@ -81,20 +83,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with ResultsFile(args.out, log=print) as f:
-        for problem, model, x64 in cases(args.num):
+        for problem, weights, model, x64 in cases(args.num):
             for dtype in (torch.float64, torch.float32):
                 net = model if problem == "testbed" else _cast(model, dtype)
                 x0 = x64.to(dtype)
                 for n in STEPS:
                     for method in METHODS:
-                        key = f"{problem}|{dtype}|{n}|{method}|{args.num}"
+                        key = f"{problem}|{weights}|{dtype}|{n}|{method}|{args.num}"  # retrained weights: new cells
                         if key in f.keys():
                             continue
                         start = time.perf_counter()
                         with torch.no_grad():
                             back, z, calls = round_trip(method, net, x0, n)
                         err = float(((back.double() - x64).norm() / x64.norm()))
-                        f.append({"key": key, "problem": problem, "dtype": str(dtype).replace("torch.", ""),
+                        f.append({"key": key, "problem": problem, "weights": weights,
+                                  "dtype": str(dtype).replace("torch.", ""),
                                   "steps": n, "method": method, "num": args.num, "round_trip_error": err,
                                   "model_calls": calls, "latent_std": float(z.double().std()),
                                   "seconds": round(time.perf_counter() - start, 2)})
@@ -120,7 +123,11 @@ def render(records) -> str:
         for dtype in dict.fromkeys(r["dtype"] for r in records if r["problem"] == problem):
             rows = [r for r in records if r["problem"] == problem and r["dtype"] == dtype]
             steps = sorted({r["steps"] for r in rows})
-            lines += [f"## {problem}, {dtype}", "", "| method | " + " | ".join(f"{n} steps" for n in steps) + " |",
+            weights = {r.get("weights", "unrecorded") for r in rows}
+            if len(weights) > 1:
+                raise ValueError(f"{problem}: records of several weights {sorted(weights)}; keep one set")
+            lines += [f"## {problem}, {dtype}", "", f"Weights: {weights.pop()}.", "",
+                      "| method | " + " | ".join(f"{n} steps" for n in steps) + " |",
                       "|---|" + "---|" * len(steps)]
             cell = {(r["method"], r["steps"]): r for r in rows}
             for m in dict.fromkeys(r["method"] for r in rows):

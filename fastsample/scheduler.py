@@ -254,6 +254,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._tree = None
+        self._exact = None
         self._threshold = self._make_threshold()
         dualfast_spec(cfg.get("dualfast"))  # a bad dualfast fails here, not at the first set_timesteps
         self._teleport = self._load_teleport()
@@ -603,6 +604,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._tree = None
+        self._exact = None
         self._bad_step = None
 
     def _discrete_timesteps(self, n: int) -> np.ndarray:
@@ -736,7 +738,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         elif variance_noise is not None:  # given noise is checked even where this step does not use it
             self._check_finite(i, timestep, defer=False, variance_noise=variance_noise)
         cdt = self.compute_dtype(sample)
-        x, out = sample.to(cdt), model_output.to(cdt)
+        x, out = self._exact_sample(sample, cdt), model_output.to(cdt)
         g = self._grid
         node, k = self._calls[i]  # the call's grid node and the step it belongs to
         state = self._state
@@ -752,7 +754,22 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         if on_cpu:  # in the sample's own dtype: a result that overflows float16 only when cast is caught too
             self._check_result(i, timestep, prev, **inputs)
         self._state, self._step_index = state, i + 1
+        self._exact = x_next if self.keeps_exact_samples else None
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _exact_sample(self, sample: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        """The sample in the compute dtype: with ``keeps_exact_samples``, the last step's own result wherever the
+        pipeline hands back exactly that result rounded to its dtype, element by element (an inpainting blend
+        changes some latents: those come from the sample).  Elementwise, so no device sync."""
+        e, x = self._exact, sample.to(cdt)
+        if e is None or e.dtype != cdt or e.shape != sample.shape or e.device != sample.device:
+            return x
+        return torch.where(e.to(sample.dtype) == sample, e, x)
+
+    #: keep each step's result in the compute dtype and continue from it while the pipeline hands that result back
+    #: rounded to its own dtype (BDIA: the float64 chain its exact inverse retraces; a float32 model's inputs are
+    #: the same rounded samples either way)
+    keeps_exact_samples = False
 
     def compute_dtype(self, sample: torch.Tensor) -> torch.dtype:
         """The dtype a step computes in: float64 for float64 samples, else float32."""

@@ -677,6 +677,7 @@ def _plot(plot, records, metric, by, se, family, floor, nfes, title) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, vals in by.items():
@@ -689,6 +690,7 @@ def _plot(plot, records, metric, by, se, family, floor, nfes, title) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis' own labels would overlap them
     ax.set_xlabel("model calls (NFE)")
     ax.set_ylabel(metric)
     import textwrap

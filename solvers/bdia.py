@@ -160,12 +160,14 @@ class BDIA(Solver):
 @dataclass(frozen=True)
 class Inversion:
     """What regenerates an image exactly: the latents at the first grid node (``latents``, what a pipeline takes as
-    ``latents=``) and at the second (``next_latents``), on the grid of ``num_inference_steps`` steps."""
+    ``latents=``) and at the second (``next_latents``), on the grid of ``num_inference_steps`` steps; ``exact``, the
+    same two in the steps' compute dtype (float64), which the run continues from while its samples round to them."""
     latents: torch.Tensor
     next_latents: torch.Tensor
     num_inference_steps: int
     gamma: float
     base: str = "ddim"
+    exact: tuple = ()
 
 
 # ---------------------------------------------------------------------------- diffusers scheduler
@@ -189,6 +191,9 @@ class BDIAScheduler(FastScheduler):
                  gamma: float = 0.5, base: str = "ddim"):
         check_gamma(gamma)
         check_base(base)
+        # model calls a step, as diffusers' HeunDiscreteScheduler says it for the pipelines' progress bars (the class
+        # keeps DDIM's 1)
+        self.order = 2 if base == "heun" else 1
         if not (isinstance(clip_sample_range, (int, float)) and 0 < clip_sample_range < math.inf):
             raise ValueError(f"clip_sample_range must be a positive finite number, got {clip_sample_range!r}")
         # DDIM's final alpha: 1 (set_alpha_to_one) is the clean end ("zero"), else the trained range's smallest level
@@ -200,10 +205,7 @@ class BDIAScheduler(FastScheduler):
         self._inversion = None
         self._setup()
 
-    @property
-    def order(self) -> int:
-        """Model calls a step, as diffusers' ``HeunDiscreteScheduler`` says it for the pipelines' progress bars."""
-        return 2 if self.config.get("base", "ddim") == "heun" else 1
+    keeps_exact_samples = True  # the float64 chain that invert retraces, whatever the pipeline's dtype
 
     def make_solver(self) -> Solver:
         return BDIA(self.config.gamma, self.config.base)
@@ -271,6 +273,7 @@ class BDIAScheduler(FastScheduler):
                     sample.to(inv.latents), inv.latents.to(sample.device), rtol=1e-6, atol=1e-6):
                 raise ValueError("the first sample of this run is not the loaded inversion's latents: pass "
                                  "latents=inversion.latents")
+            self._exact = inv.exact[0].to(sample.device) if inv.exact else None  # used where sample rounds to it
         # the call that ends the first step (the second with the Heun base's two stages) returns the second latent
         out = super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
         i = self._step_index - 1
@@ -278,6 +281,7 @@ class BDIAScheduler(FastScheduler):
             return out  # the first stage of a two-stage first step: the model's next call is at its sample
         self._inversion = None  # the state is at node 1
         prev = inv.next_latents.to(device=sample.device, dtype=sample.dtype)
+        self._exact = inv.exact[1].to(sample.device) if inv.exact else None
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -322,16 +326,16 @@ def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_step
         eps = convert(model_output(model(x_end.to(x0.dtype), ts[n - 1], **model_kwargs)).to(cdt), x_end,
                       cfg.prediction_type, grid.alpha[n - 1], grid.sigma[n - 1], "eps")
         x_prev = grid.alpha[n - 1] * x_end + grid.sigma[n - 1] * eps
-    # the samples at nodes i + 1 and i, each rounded to x0's dtype, as a run stores its samples between steps
-    later, x = x_end.to(x0.dtype).to(cdt), x_prev.to(x0.dtype).to(cdt)
+    # the samples at nodes i + 1 and i in the compute dtype, as the run keeps them (keeps_exact_samples); the model
+    # sees them rounded to x0's dtype, as it does in the run
+    later, x = x_end, x_prev
     for i in tqdm(range(n - 1, 0, -1), disable=not progress, leave=False):
         d, stage = predict(x, i), None
         if solver.base == "heun" and Heun._two_stages(grid, i):  # the second call, at the first stage's sample
             fx, fd = _ddim(grid, i, i + 1)
-            stage = predict((fx * x + fd * d).to(x0.dtype).to(cdt), i + 1)
-        earlier = solver.unstep(grid, i, x, later, d, stage).to(x0.dtype).to(cdt)
-        later, x = x, earlier
-    return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma, solver.base)
+            stage = predict(fx * x + fd * d, i + 1)
+        later, x = x, solver.unstep(grid, i, x, later, d, stage)
+    return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma, solver.base, (x, later))
 
 
 from fastsample.registry import Variant, register  # noqa: E402

@@ -1,6 +1,6 @@
 """Heun's method on the probability-flow ODE in the VE variables (EDM's second-order sampler; diffusers'
-``HeunDiscreteScheduler`` and k-diffusion's ``sample_heun`` without churn).  The one staged solver: two model calls
-a step, the second at the step's end node, and one (Euler, i.e. DDIM) into sigma = 0 and from pure noise (flow
+``HeunDiscreteScheduler`` and k-diffusion's ``sample_heun`` without churn).  A staged solver (BDIA-Heun is the
+other): two model calls a step, the second at the step's end node, and one (Euler, i.e. DDIM) into sigma = 0 and from pure noise (flow
 sigma 1, where the step is infinite in the VE variables).
 
 With x_bar = x / alpha, rho = sigma / alpha and Delta = rho' - rho, the first stage is the Euler step
