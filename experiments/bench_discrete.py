@@ -239,10 +239,11 @@ def run_paired(f, done, args):
     n, base = args.eval_samples, args.baseline
     for steps in args.steps:
         plain = None
-        for method in DIGITS_BASELINES[1:] + list(FITS):
+        for method in DIGITS_BASELINES + list(FITS):
             if not _chosen(method, args) or method == base:
                 continue
-            key = f"digits-paired/uniform/{method}/{steps}/n{n}" + ("" if base == "plain" else f"/vs {base}")
+            key = (f"digits-paired/uniform/{method}/{steps}/n{n}" + ("" if base == "plain" else f"/vs {base}")
+                   + ("" if args.bootstrap == 200 else f"/b{args.bootstrap}"))
             if key in done:
                 continue
             c = None
@@ -299,8 +300,9 @@ def table(part: str) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(recs, key=lambda r: (r["steps"], r["samples"], r["baseline"] != "plain", r["key"])):
             d = r["fd_minus_baseline"]
+            z = [f"{d / e:+.1f}" if e > 0 else "" for e in (r["se"], r["se_seeds"])]
             lines.append(f"| {r['steps']} | {r['samples']} | {r['method']} | {r['baseline']} | {d:+.2f} | {r['se']:.2f} | "
-                         f"{d / r['se']:+.1f} | {r['se_seeds']:.2f} | {d / r['se_seeds']:+.1f} |")
+                         f"{z[0]} | {r['se_seeds']:.2f} | {z[1]} |")
     else:
         lines += ["The shipped digits-uniform model (64 tokens, 17 levels): 2,000 samples from held-out seed 1000; "
                   "FD = Fréchet distance of classifier features to the 297 held-out digits (bootstrap SE); NLL in "

@@ -255,6 +255,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._tree = None
         self._exact = None
+        self._restart_after_step = False
         self._threshold = self._make_threshold()
         dualfast_spec(cfg.get("dualfast"))  # a bad dualfast fails here, not at the first set_timesteps
         self._teleport = self._load_teleport()
@@ -343,9 +344,15 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
 
     def restart_history(self):
         """Forget the multistep history (the next step is first order, with no corrector): T-Stitch's option when
-        the model changes mid-trajectory."""
-        if self._state is not None:
-            self._state = replace(self._state, history=(), orders=(), last_x=None, stage=())
+        the model changes mid-trajectory.  Called between the calls of a staged step (Heun's second stage), it takes
+        effect when that step ends: the step's first stage stays the step's."""
+        if self._state is None:
+            return
+        i = self._step_index
+        if i is not None and i < len(self._calls) and self._calls[i][0] != self._calls[i][1]:
+            self._restart_after_step = True
+            return
+        self._state = replace(self._state, history=(), orders=(), last_x=None, stage=())
 
     def _resolve_spacing(self) -> str:
         """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
@@ -605,6 +612,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._tree = None
         self._exact = None
+        self._restart_after_step = False
         self._bad_step = None
 
     def _discrete_timesteps(self, n: int) -> np.ndarray:
@@ -753,6 +761,8 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         prev = x_next.to(sample.dtype)
         if on_cpu:  # in the sample's own dtype: a result that overflows float16 only when cast is caught too
             self._check_result(i, timestep, prev, **inputs)
+        if self._restart_after_step and (i + 1 == len(self._calls) or self._calls[i + 1][1] != k):
+            state, self._restart_after_step = replace(state, history=(), orders=(), last_x=None, stage=()), False
         self._state, self._step_index = state, i + 1
         self._exact = x_next if self.keeps_exact_samples else None
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)

@@ -84,7 +84,7 @@ class BDIA(Solver):
 
     def coefficients(self, grid: Grid, i: int, first: bool) -> tuple[float, float, float]:
         """(c_prev, c_x, c_D) of x_{i+1} = c_prev x_{i-1} + c_x x_i + c_D D_i (the DDIM base, and the Heun base's
-        first stage: for a two-stage step ``stage_coefficients`` adds the second prediction's terms)."""
+        first stage: for a two-stage step ``stage_coefficient`` adds the second prediction's terms)."""
         fx, fd = _ddim(grid, i, i + 1)
         if first or self.gamma == 0.0:
             return 0.0, fx, fd
@@ -130,16 +130,6 @@ class BDIA(Solver):
                                                             stage=(x, state.last_x, pred, x_next))
         return x_next, replace(state, index=i + 1, history=(pred,), orders=(1,), last_x=x, memos=memos)
 
-    def forward(self, grid: Grid, i: int, x: torch.Tensor, pred: torch.Tensor, stage_pred=None) -> torch.Tensor:
-        """The base's step from node i alone (no memory): DDIM, or Heun with ``stage_pred`` the prediction at the
-        first stage's sample (None where the step has one stage)."""
-        fx, fd = _ddim(grid, i, i + 1)
-        out = combine(fx, x, (fd,), (pred,))
-        if stage_pred is not None:
-            c = self.stage_coefficient(grid, i, first=True)
-            out = combine(1.0, out, (c, -c), (pred, stage_pred))
-        return out
-
     def unstep(self, grid: Grid, i: int, x: torch.Tensor, x_next: torch.Tensor, pred: torch.Tensor,
                stage_pred: torch.Tensor | None = None) -> torch.Tensor:
         """The sample at node i - 1 from those at nodes i and i + 1, the data prediction at node i and, for the
@@ -161,7 +151,8 @@ class BDIA(Solver):
 class Inversion:
     """What regenerates an image exactly: the latents at the first grid node (``latents``, what a pipeline takes as
     ``latents=``) and at the second (``next_latents``), on the grid of ``num_inference_steps`` steps; ``exact``, the
-    same two in the steps' compute dtype (float64), which the run continues from while its samples round to them."""
+    same two in the steps' compute dtype (float64 but on MPS), which the run continues from while its samples round
+    to them."""
     latents: torch.Tensor
     next_latents: torch.Tensor
     num_inference_steps: int
@@ -182,7 +173,7 @@ class BDIAScheduler(FastScheduler):
     ``clip_sample`` defaults to False (DDIM's default is True): a config without the key (FlowMatch's, the
     multistep schedulers') would otherwise clip latents to +-1 silently; configs that set it (SD's: false) keep it.
     After ``load_inversion(fastsample.invert(...))`` the next run with that step count regenerates the inverted
-    image exactly: its first step returns the inversion's second latent (the model's output there is not used), and
+    image exactly: its first step returns the inversion's second latent (the model's outputs there are not used), and
     every later step is the exact inverse of an inversion step."""
 
     @register_to_config
@@ -263,17 +254,24 @@ class BDIAScheduler(FastScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         inv = self._inversion
-        if inv is None or self._step_index not in (None, 0, 1):
+        if inv is None:
             return super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
         if self.num_inference_steps != inv.num_inference_steps:
             raise ValueError(f"the loaded inversion has {inv.num_inference_steps} steps, this run "
                              f"{self.num_inference_steps}: set_timesteps({inv.num_inference_steps})")
-        if self._step_index in (None, 0):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._calls[self._step_index][1] != 0:
+            raise ValueError(f"a loaded inversion regenerates from the first step; this call is step "
+                             f"{self._calls[self._step_index][1]} (a begin index, or load_inversion mid-run)")
+        cdt = self.compute_dtype(sample)
+        if self._step_index == 0:
             if sample.shape != inv.latents.shape or not torch.allclose(
                     sample.to(inv.latents), inv.latents.to(sample.device), rtol=1e-6, atol=1e-6):
                 raise ValueError("the first sample of this run is not the loaded inversion's latents: pass "
                                  "latents=inversion.latents")
-            self._exact = inv.exact[0].to(sample.device) if inv.exact else None  # used where sample rounds to it
+            # the float64 latents, used where the sample rounds to them
+            self._exact = inv.exact[0].to(device=sample.device, dtype=cdt) if inv.exact else None
         # the call that ends the first step (the second with the Heun base's two stages) returns the second latent
         out = super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
         i = self._step_index - 1
@@ -281,7 +279,7 @@ class BDIAScheduler(FastScheduler):
             return out  # the first stage of a two-stage first step: the model's next call is at its sample
         self._inversion = None  # the state is at node 1
         prev = inv.next_latents.to(device=sample.device, dtype=sample.dtype)
-        self._exact = inv.exact[1].to(sample.device) if inv.exact else None
+        self._exact = inv.exact[1].to(device=sample.device, dtype=cdt) if inv.exact else None
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -290,7 +288,7 @@ class BDIAScheduler(FastScheduler):
 def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_steps: int, progress: bool = False,
            **model_kwargs) -> Inversion:
     """The BDIA inversion of ``x0`` (a clean sample, or latents for a latent model) on ``scheduler``'s grid of
-    ``num_inference_steps`` steps: as many model calls ``model(x, t, **model_kwargs)`` as a run (with the same kwargs and guidance
+    ``num_inference_steps`` steps: N model calls ``model(x, t, **model_kwargs)``, 2N - 2 on the Heun base (with the same kwargs and guidance
     as the regeneration will use).  The first inverse step, from x0 to the last noisy level, is DDIM's (its choice
     does not affect exactness); every other one is the exact inverse of a BDIA step.  Regenerate with
     ``scheduler.load_inversion(inv)`` and a run from ``inv.latents``."""
@@ -333,7 +331,7 @@ def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_step
         d, stage = predict(x, i), None
         if solver.base == "heun" and Heun._two_stages(grid, i):  # the second call, at the first stage's sample
             fx, fd = _ddim(grid, i, i + 1)
-            stage = predict(fx * x + fd * d, i + 1)
+            stage = predict(combine(fx, x, (fd,), (d,)), i + 1)  # as the run's first stage computes it
         later, x = x, solver.unstep(grid, i, x, later, d, stage)
     return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma, solver.base, (x, later))
 
