@@ -27,7 +27,7 @@ from .timesteps import (FINAL_SIGMAS, FLOW_MATCH, SIGMA_SPACINGS, SPACINGS, TIME
 from .noise import NOISE_TYPES, BrownianTree, seeds_from
 from .schedules import F64, DiscreteVP, RectifiedFlow
 from .driver import call_step
-from .solver import Grid, Solver, check_coefficients
+from .solver import Grid, Solver, check_coefficients, restarted
 
 __all__ = ["FastScheduler", "SchedulerMixin", "SchedulerOutput", "shared_config"]
 
@@ -352,7 +352,7 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
         if i is not None and i < len(self._calls) and self._calls[i][0] != self._calls[i][1]:
             self._restart_after_step = True
             return
-        self._state = replace(self._state, history=(), orders=(), last_x=None, stage=())
+        self._state = restarted(self._state)
 
     def _resolve_spacing(self) -> str:
         """diffusers' booleans (use_karras_sigmas, ...) and our one-string ``spacing`` resolve to one spacing."""
@@ -754,18 +754,21 @@ class FastScheduler(SchedulerMixin, ConfigMixin):
             if node != k:
                 raise RuntimeError(f"model call {i} is the second stage of step {k}: begin at a step's first call")
             staged = len(self._calls) != g.num_steps
-            state = (replace(state, index=k, history=(), orders=(), last_x=None, stage=()) if staged else
-                     replace(state, index=k))
+            state = restarted(state, index=k) if staged else replace(state, index=k)
         x_next, state = call_step(self.solver, g, state, x, out, self.config.prediction_type, node, k, self._scales,
                                   self._threshold, lambda step: self._noise(step, x, generator, variance_noise))
         prev = x_next.to(sample.dtype)
         if on_cpu:  # in the sample's own dtype: a result that overflows float16 only when cast is caught too
             self._check_result(i, timestep, prev, **inputs)
-        if self._restart_after_step and (i + 1 == len(self._calls) or self._calls[i + 1][1] != k):
-            state, self._restart_after_step = replace(state, history=(), orders=(), last_x=None, stage=()), False
+        if self._restart_after_step and self._ends_step(i):
+            state, self._restart_after_step = restarted(state), False
         self._state, self._step_index = state, i + 1
         self._exact = x_next if self.keeps_exact_samples else None
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _ends_step(self, i: int) -> bool:
+        """Whether model call ``i`` is the last of its step (always, but for the first stage of a staged step)."""
+        return i + 1 == len(self._calls) or self._calls[i + 1][1] != self._calls[i][1]
 
     def _exact_sample(self, sample: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         """The sample in the compute dtype: with ``keeps_exact_samples``, the last step's own result wherever the

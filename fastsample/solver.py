@@ -79,6 +79,12 @@ class State:
     stage: tuple = ()         # a staged solver's values carried from one call of a step to the next (BDIA-Heun)
 
 
+def restarted(state: State, **changes) -> State:
+    """``state`` with no memory of earlier steps (multistep history, last sample, a staged step's values): the next
+    step starts as a run's first does."""
+    return replace(state, history=(), orders=(), last_x=None, stage=(), **changes)
+
+
 class Solver:
     """Base class: subclasses set ``name``, ``prediction`` ("x0" or "eps") and implement ``rule``."""
 

@@ -74,6 +74,17 @@ class BDIA(Solver):
     def calls(self, grid: Grid) -> list[tuple[int, int]]:
         return self._heun.calls(grid) if self._heun is not None else super().calls(grid)
 
+    def two_stages(self, grid: Grid, i: int) -> bool:
+        """Whether step i makes a second model call (the Heun base, but into sigma = 0 and from pure noise)."""
+        return self._heun is not None and self._heun._two_stages(grid, i)
+
+    @staticmethod
+    def first_stage(grid: Grid, i: int, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The sample of a two-stage step's second model call: DDIM's step from node i (the run and ``invert``
+        compute it alike, so the model sees the same numbers)."""
+        fx, fd = _ddim(grid, i, i + 1)
+        return combine(fx, x, (fd,), (pred,))
+
     def memory(self, grid: Grid, i: int) -> float:
         """gamma k_i, the weight of the backward step's mismatch in x_{i+1}.  The update is defined on the variance-
         preserving state x / n (n = sqrt(alpha^2 + sigma^2), 1 on a VP grid), as the authors' DDIM is: the mismatch
@@ -124,10 +135,8 @@ class BDIA(Solver):
         x_next = combine(cx, x, (cd,), (pred,))
         if cp:
             x_next = x_next.add_(state.last_x, alpha=cp)
-        if self._heun is not None and self._heun._two_stages(grid, i):
-            fx, fd = _ddim(grid, i, i + 1)  # the model's next call is at the first stage, DDIM's step
-            return combine(fx, x, (fd,), (pred,)), replace(state, memos=memos,
-                                                            stage=(x, state.last_x, pred, x_next))
+        if self.two_stages(grid, i):  # the model's next call is at the first stage's sample
+            return self.first_stage(grid, i, x, pred), replace(state, memos=memos, stage=(x, state.last_x, pred, x_next))
         return x_next, replace(state, index=i + 1, history=(pred,), orders=(1,), last_x=x, memos=memos)
 
     def unstep(self, grid: Grid, i: int, x: torch.Tensor, x_next: torch.Tensor, pred: torch.Tensor,
@@ -136,7 +145,7 @@ class BDIA(Solver):
         Heun base's two-stage steps, ``stage_pred``, the prediction at the first stage's sample."""
         if self.gamma == 0.0:
             raise ValueError("gamma = 0 is DDIM, which is not exactly invertible: use gamma > 0")
-        two = self._heun is not None and self._heun._two_stages(grid, i)
+        two = self.two_stages(grid, i)
         if two != (stage_pred is not None):
             raise ValueError(f"step {i} has {'two stages: pass' if two else 'one stage: do not pass'} stage_pred")
         cp, cx, cd = self.coefficients(grid, i, first=False)
@@ -274,8 +283,7 @@ class BDIAScheduler(FastScheduler):
             self._exact = inv.exact[0].to(device=sample.device, dtype=cdt) if inv.exact else None
         # the call that ends the first step (the second with the Heun base's two stages) returns the second latent
         out = super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
-        i = self._step_index - 1
-        if i + 1 < len(self._calls) and self._calls[i + 1][1] == self._calls[i][1]:
+        if not self._ends_step(self._step_index - 1):
             return out  # the first stage of a two-stage first step: the model's next call is at its sample
         self._inversion = None  # the state is at node 1
         prev = inv.next_latents.to(device=sample.device, dtype=sample.dtype)
@@ -329,9 +337,8 @@ def invert(model, x0: torch.Tensor, scheduler: BDIAScheduler, num_inference_step
     later, x = x_end, x_prev
     for i in tqdm(range(n - 1, 0, -1), disable=not progress, leave=False):
         d, stage = predict(x, i), None
-        if solver.base == "heun" and Heun._two_stages(grid, i):  # the second call, at the first stage's sample
-            fx, fd = _ddim(grid, i, i + 1)
-            stage = predict(combine(fx, x, (fd,), (d,)), i + 1)  # as the run's first stage computes it
+        if solver.two_stages(grid, i):  # the second call, at the first stage's sample
+            stage = predict(solver.first_stage(grid, i, x, d), i + 1)
         later, x = x, solver.unstep(grid, i, x, later, d, stage)
     return Inversion(x.to(x0.dtype), later.to(x0.dtype), n, solver.gamma, solver.base, (x, later))
 
