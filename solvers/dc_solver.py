@@ -135,12 +135,23 @@ class CPR:
 
 
 # ---------------------------------------------------------------------------- fitting
+FIT_OBJECTIVES = ("greedy", "end")
+
+
 def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: int, iterations: int = 30,
-                  lr: float = 0.1, per_step: int = 20, reference=None, **model_kwargs) -> list[float]:
+                  lr: float = 0.1, per_step: int = 20, reference=None, objective: str = "greedy",
+                  end_iterations: int = 60, end_lr: float = 0.02, **model_kwargs) -> list[float]:
     """Greedy search of one ratio per step: for i = 2..N-1, AdamW on rho_i minimises the mean squared distance
     between the sample the solver reaches at t_{i+1} (after the corrector, for UniPC) and the teacher's
     (``fastsample.sampling.reference_states``, ``per_step`` UniPC-3 steps per interval, from the same noise).
-    The best ratio seen is kept.  ``model(x, t, **model_kwargs)`` returns the scheduler's ``prediction_type``."""
+    The best ratio seen is kept.  ``model(x, t, **model_kwargs)`` returns the scheduler's ``prediction_type``.
+
+    ``objective="end"`` then refines all the ratios jointly from the greedy ones (``refine_dc_ratios``): Adam
+    (``end_iterations`` full-batch steps of ``end_lr``) on the mean squared distance of the run's end point to the
+    teacher's, the error a user sees; the greedy fit matches each step's next state alone, blind to how a ratio's
+    error carries to the end."""
+    if objective not in FIT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
     from fastsample.driver import call_step, drive
     from fastsample.sampling import model_output, reference_states
 
@@ -185,7 +196,56 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
 
     with torch.no_grad():
         drive(solver, grid, noise * scheduler.init_noise_sigma, call, cfg.prediction_type, transforms, callback=fit)
-    return check_ratios(ratios, n, f"the ratios fitted for {n} steps")
+    ratios = check_ratios(ratios, n, f"the ratios fitted for {n} steps")
+    if objective == "end":
+        ratios = refine_dc_ratios(model, scheduler, noise, ratios, ref[-1], end_iterations, end_lr, **model_kwargs)
+    return ratios
+
+
+def refine_dc_ratios(model, scheduler, noise: torch.Tensor, ratios: list, target: torch.Tensor,
+                     iterations: int = 60, lr: float = 0.02, **model_kwargs) -> list[float]:
+    """Adam on every compensated step's ratio at once (steps 2..N-1), from ``ratios``, minimising the mean squared
+    distance of the N-step run's end point from ``noise`` to ``target`` (the teacher's end points).  Returns the
+    best iterate seen whose ratios all lie in ``RATIO_RANGE``; the starting ratios count, so the refinement never
+    ends worse on its own latents than it began."""
+    from fastsample.driver import drive
+    from fastsample.sampling import model_output
+
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"end_iterations must be an integer >= 1, got {iterations!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"end_lr must be a finite number > 0, got {lr!r}")
+    n = len(ratios)
+    scheduler.set_timesteps(n)
+    grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
+    model_time = scheduler.model_time(grid)
+    if target.shape != noise.shape:
+        raise ValueError(f"target must be the teacher's end points, shaped like noise {tuple(noise.shape)}, got "
+                         f"{tuple(target.shape)}")
+    free = torch.tensor(ratios[FIRST_COMPENSATED:], dtype=torch.float64, requires_grad=True)
+    comp = DynamicCompensation(list(ratios), cfg.get("dc_order", 2))
+    transforms = tuple(t for t in scheduler.prediction_transforms(n) if not isinstance(t, DynamicCompensation)) + (comp,)
+    opt = torch.optim.Adam([free], lr=lr)
+    lo, hi = RATIO_RANGE
+    best = (math.inf, list(ratios))
+
+    def call(x, i):
+        return model_output(model(x, model_time(i), **model_kwargs))
+
+    with torch.enable_grad():
+        for it in range(iterations + 1):  # the last pass only scores the last update
+            comp.ratios = list(ratios[:FIRST_COMPENSATED]) + list(free)
+            x, _ = drive(solver, grid, noise * scheduler.init_noise_sigma, call, cfg.prediction_type, transforms)
+            loss = (x - target).double().square().mean()
+            current = [float(r) for r in ratios[:FIRST_COMPENSATED]] + free.detach().tolist()
+            if loss.item() < best[0] and all(lo <= r <= hi for r in current):
+                best = (loss.item(), current)
+            if it == iterations:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return check_ratios(best[1], n, f"the ratios refined for {n} steps")
 
 
 # ---------------------------------------------------------------------------- diffusers scheduler

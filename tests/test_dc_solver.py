@@ -72,6 +72,33 @@ def test_fitted_ratios_cut_held_out_error_and_cpr_generalises(gaussian):
     assert base - held_out_error(gaussian, predicted, 8, test) >= 0.8 * gains[8]
 
 
+def test_end_point_refinement_beats_the_greedy_fit_on_held_out_noise(gaussian):
+    """objective="end" refines the greedy ratios jointly against the teacher's end point: on the Gaussian testbed
+    it cuts the held-out error well below the greedy fit's (measured: 0.72x -> 0.56x of the base at 5 NFE, 0.72x ->
+    0.55x at 8, with 32 fitting latents), and never ends worse than it began on its own latents."""
+    from fastsample.solvers.dc_solver import refine_dc_ratios
+
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(32, 64, generator=g, dtype=F64), torch.randn(300, 64, generator=g, dtype=F64)
+    for nfe in (5, 8):
+        greedy = fit_dc_ratios(gaussian, DCSolverScheduler(**SCHEDULER_CONFIG), train, nfe)
+        end = fit_dc_ratios(gaussian, DCSolverScheduler(**SCHEDULER_CONFIG), train, nfe, objective="end")
+        assert end[:2] == [1.0, 1.0] and end != greedy
+        base = held_out_error(gaussian, [1.0] * nfe, nfe, test)
+        assert held_out_error(gaussian, end, nfe, test) < 0.85 * held_out_error(gaussian, greedy, nfe, test), nfe
+        assert held_out_error(gaussian, end, nfe, test) < 0.6 * base, nfe
+    # from the refined 8-step ratios, one step far too large to help: the start is kept
+    sch = DCSolverScheduler(**SCHEDULER_CONFIG)
+    sch.set_timesteps(8)
+    target = reference_states(gaussian, train, sch)[-1]
+    kept = refine_dc_ratios(gaussian, sch, train, end, target, iterations=1, lr=2.0)
+    assert kept == pytest.approx(end)
+    with pytest.raises(ValueError, match=r"objective must be one of \('greedy', 'end'\), got 'final'"):
+        fit_dc_ratios(gaussian, sch, train, 5, objective="final")
+    with pytest.raises(ValueError, match="end_lr must be a finite number > 0, got 0"):
+        refine_dc_ratios(gaussian, sch, train, end, target, lr=0)
+
+
 def test_dc_plugs_into_dpm_solver_pp(gaussian):
     g = torch.Generator().manual_seed(2)
     train, test = torch.randn(10, 64, generator=g, dtype=F64), torch.randn(100, 64, generator=g, dtype=F64)

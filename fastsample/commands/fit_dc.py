@@ -22,6 +22,7 @@ from fastsample import zoo
 from fastsample.guidance.cfg import ClassifierFreeGuidance
 from fastsample.results import ResultsFile
 from fastsample.solvers import CPR, DCSolverScheduler, fit_dc_ratios
+from fastsample.solvers.dc_solver import FIT_OBJECTIVES
 from fastsample.solvers.learned_schedule import model_hash
 
 
@@ -39,6 +40,11 @@ def arguments(p):
                    help="UniPC base: the corrector's B(h) (bh1 as in the DC-Solver paper; bh2 is diffusers' default)")
     p.add_argument("--num", type=cli.integer(1), default=10, help="fitting latents")
     p.add_argument("--iterations", type=cli.integer(1), default=30)
+    p.add_argument("--objective", default="greedy", choices=FIT_OBJECTIVES,
+                   help="greedy: each ratio against the teacher's next state (the paper); end: then all ratios jointly "
+                        "against the teacher's end point")
+    p.add_argument("--end-iterations", type=cli.integer(1), default=60,
+                   help="--objective end: full-batch Adam steps of the joint refinement")
     p.add_argument("--leave-one-out", action="store_true",
                    help="also write <out>/cpr-without-nfe<N>: the CPR fitted on the other NFEs' fits, to measure how "
                         "much of the fitted gain it keeps at an NFE it never saw")
@@ -46,6 +52,8 @@ def arguments(p):
 
 
 def run(args, p):
+    if args.objective != "end" and args.end_iterations != p.get_default("end_iterations"):
+        p.error("--end-iterations applies to --objective end only")
 
     out = Path(args.out or f"dc/{args.model}")
     out.mkdir(parents=True, exist_ok=True)
@@ -58,9 +66,12 @@ def run(args, p):
     # what decides a fit besides its NFE and guidance scale: a rerun skips a fit only when all of it matches
     inputs = {"model": args.model, "weights": model_hash(unet), "base_solver": args.base_solver,
               "solver_type": config.get("solver_type"), "num": args.num, "iterations": args.iterations,
-              "seed": args.seed}
+              "seed": args.seed, **({"objective": "end", "end_iterations": args.end_iterations}
+                                    if args.objective == "end" else {})}
     with ResultsFile(out / "ratios.jsonl", log=print) as log:
-        done = [r for r in log.records if all(r.get(k) == v for k, v in inputs.items())]
+        # records written before the option carry no objective: they are greedy fits
+        done = [r for r in log.records if all(r.get(k) == v for k, v in inputs.items())
+                and r.get("objective", "greedy") == args.objective]
         for w in args.guidance_scale if classes else [1.0]:
             model = (ClassifierFreeGuidance(unet, torch.arange(args.num) % classes, w, zoo.NULL_LABEL) if classes
                      else model_fn(unet))
@@ -68,7 +79,8 @@ def run(args, p):
                 if any(d["nfe"] == nfe and d["guidance_scale"] == w for d in done):
                     continue
                 start = time.time()
-                ratios = fit_dc_ratios(model, DCSolverScheduler(**config), noise, nfe, iterations=args.iterations)
+                ratios = fit_dc_ratios(model, DCSolverScheduler(**config), noise, nfe, iterations=args.iterations,
+                                       objective=args.objective, end_iterations=args.end_iterations)
                 record = {"nfe": nfe, "guidance_scale": w, "ratios": ratios, "seconds": round(time.time() - start, 1),
                           **inputs}
                 log.append(record)
