@@ -232,6 +232,38 @@ def test_restart_from_ema_loads_the_ema_weights_and_no_moments(tmp_path):
             assert int(next(iter(other_opt.state.values()))["step"]) == 1  # AdamW's own count, not the step
 
 
+def test_distillation_targets_the_teachers_prediction(tiny_dataset, tmp_path):
+    """--distill-from: the target is the frozen teacher's noise prediction at the batch's noisy images, so a student
+    that is its teacher's copy has zero loss and gradient; the run records the teacher; a bad teacher is refused."""
+    import copy
+    from types import SimpleNamespace
+
+    from fastsample.commands import train
+    from fastsample.data import load_fashion_mnist
+    from fastsample.schedules import make_betas
+
+    torch.manual_seed(0)
+    student = zoo.build("fmnist-small")
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    args = SimpleNamespace(model="fmnist-small", batch_size=4, lr=1e-3, seed=0, weighting="edm", label_dropout=0.1,
+                           lr_schedule="cosine", lr_final=0.05, warmup=0, steps=10)
+    images, labels = load_fashion_mnist("train", tiny_dataset)
+    abar = torch.cumprod(1 - make_betas(), 0)
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, backward=lambda l: l.backward(),
+                          clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    phase = {"phase_start": 0, "warm_from": 0}
+    loss, _ = train._optimiser_step(args, 0, acc, student, student, opt, (images, labels, abar), phase, teacher)
+    assert float(loss) == 0.0 and all(p.grad is None or not p.grad.any() for p in student.parameters())
+    loss, _ = train._optimiser_step(args, 0, acc, student, student, opt, (images, labels, abar), phase)
+    assert float(loss) > 0.1  # against the drawn noise the same batch has an error
+    r = _train(tiny_dataset, tmp_path / "d", 2, "--distill-from", "fmnist-large")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "d" / "state.json").read_text())["distill_from"] == "fmnist-large"
+    r = _train(tiny_dataset, tmp_path / "e", 2, "--distill-from", "fmnist-cond")
+    assert r.returncode == 2 and "--distill-from must be another zoo model with the same class conditioning" in r.stderr
+
+
 def blobs(n, seed, shift=0.0):
     """Garment-like test images: a bright blob of random size and place on a dark background."""
     g = torch.Generator().manual_seed(seed)

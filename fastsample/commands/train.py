@@ -49,7 +49,8 @@ def save(out: Path, model, ema: dict, opt, step: int, args, losses, phase: dict)
         tensors["optimizer"] = moments
     state = {"step": step, "model": args.model, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "ema_decay": args.ema_decay, "weighting": args.weighting, "lr_schedule": args.lr_schedule,
-             "lr_final": args.lr_final, "warmup": args.warmup, "total_steps": args.steps, **phase,
+             "lr_final": args.lr_final, "warmup": args.warmup, "total_steps": args.steps,
+             **({"distill_from": args.distill_from} if getattr(args, "distill_from", None) else {}), **phase,
              "adam_step": adam_step, "recent_loss": sum(losses) / max(1, len(losses))}
     save_checkpoint(out, tensors, state)
 
@@ -128,6 +129,9 @@ def arguments(p):
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weighting", default="edm", choices=("edm", "uniform"), help="per-noise-level loss weight")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--distill-from", default=None, choices=tuple(zoo.MODEL_CONFIGS),
+                   help="the target is this shipped zoo model's noise prediction at the same noisy image and time "
+                        "(its EMA weights, frozen) instead of the noise drawn: the student learns the teacher's map")
     p.add_argument("--label-dropout", type=float, default=0.1, help="conditional model: share of null labels")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--diverge-factor", type=float, default=10.0,
@@ -156,6 +160,10 @@ def _check(args, p) -> None:
     if args.warmup < 0 or not args.lr > 0 or not args.diverge_factor > 1:
         p.error(f"--warmup must be >= 0, --lr > 0 and --diverge-factor > 1, got {args.warmup}, {args.lr}, "
                 f"{args.diverge_factor}")
+    if args.distill_from is not None and (args.distill_from == args.model
+                                          or zoo.MODEL_CONFIGS[args.distill_from][1] != zoo.MODEL_CONFIGS[args.model][1]):
+        p.error(f"--distill-from must be another zoo model with the same class conditioning as {args.model!r}, got "
+                f"{args.distill_from!r}")
     if args.data is not None:
         from fastsample.data import dataset_root
 
@@ -210,6 +218,10 @@ def run(args, p):
     acc = Accelerator()
     images, labels = load_fashion_mnist("train", args.data)
     model, forward, opt, ema, step, phase = _prepare(args, out, acc)
+    teacher = None
+    if args.distill_from is not None:
+        teacher = zoo.load(args.distill_from, device=acc.device).requires_grad_(False)
+        torch.nn.Module.to(teacher, memory_format=torch.channels_last)
     if step >= args.steps:
         print(f"{out} is at step {step}, not below --steps {args.steps}: nothing to do")
         return 0
@@ -224,7 +236,7 @@ def run(args, p):
     losses, pending, start, start_step, last_commit = [], [], time.time(), step, time.time()
     bar = tqdm(total=args.steps, initial=step, disable=not acc.is_main_process, desc=args.model)
     while step < args.steps and not stop["now"]:
-        loss, lr = _optimiser_step(args, step, acc, model, forward, opt, (images, labels, abar), phase)
+        loss, lr = _optimiser_step(args, step, acc, model, forward, opt, (images, labels, abar), phase, teacher)
         step += 1
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, live, 1 - ema_decay_at(step, args.ema_decay))
@@ -265,10 +277,15 @@ def _speed(steps: int, start: float) -> dict:
     return {"steps_per_s": round(steps / wall, 3), "wall_s": round(wall, 1)}
 
 
-def _optimiser_step(args, step: int, acc, model, forward, opt, data, phase: dict) -> tuple[torch.Tensor, float]:
-    """One AdamW step on step ``step``'s batch at its learning rate: (the detached loss, the learning rate)."""
+def _optimiser_step(args, step: int, acc, model, forward, opt, data, phase: dict, teacher=None
+                    ) -> tuple[torch.Tensor, float]:
+    """One AdamW step on step ``step``'s batch at its learning rate: (the detached loss, the learning rate).
+    ``teacher``: a frozen model whose noise prediction at the batch's noisy images is the target (distillation)."""
     images, labels, abar = data
     xt, t, noise, a, kw = _batch(args, step, acc, images, labels, abar, zoo.MODEL_CONFIGS[args.model][1])
+    if teacher is not None:
+        with torch.no_grad():
+            noise = teacher(xt.contiguous(memory_format=torch.channels_last), t, **kw).sample
     lr = lr_at(step, lr=args.lr, total=args.steps, schedule=args.lr_schedule, final=args.lr_final,
                warmup=args.warmup, **phase)
     for group in opt.param_groups:
