@@ -138,6 +138,25 @@ class CPR:
 FIT_OBJECTIVES = ("greedy", "end")
 
 
+def _fitting_run(model, scheduler, ratios: list, model_kwargs: dict):
+    """What both fits drive: the scheduler set to ``len(ratios)`` steps, its grid, solver and config, the compensation
+    being fitted (from ``ratios``), the scheduler's other transforms (DualFast) followed by it,
+    and the model call at a grid node."""
+    from fastsample.sampling import model_output
+
+    scheduler.set_timesteps(len(ratios))
+    grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
+    model_time = scheduler.model_time(grid)
+    comp = DynamicCompensation(ratios, cfg.get("dc_order", 2))
+    transforms = tuple(t for t in scheduler.prediction_transforms(grid.num_steps)
+                       if not isinstance(t, DynamicCompensation)) + (comp,)
+
+    def call(x, i):
+        return model_output(model(x, model_time(i), **model_kwargs))
+
+    return grid, solver, cfg, comp, transforms, call
+
+
 def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: int, iterations: int = 30,
                   lr: float = 0.1, per_step: int = 20, reference=None, objective: str = "greedy",
                   end_iterations: int = 60, end_lr: float = 0.02, **model_kwargs) -> list[float]:
@@ -153,23 +172,16 @@ def fit_dc_ratios(model, scheduler, noise: torch.Tensor, num_inference_steps: in
     if objective not in FIT_OBJECTIVES:
         raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
     from fastsample.driver import call_step, drive
-    from fastsample.sampling import model_output, reference_states
+    from fastsample.sampling import reference_states
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1 (0 would record every ratio as 1, unfitted), got "
                          f"{iterations!r}")
-    scheduler.set_timesteps(num_inference_steps)
-    grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
-    n, model_time = grid.num_steps, scheduler.model_time(grid)
+    ratios = [1.0] * num_inference_steps
+    grid, solver, cfg, comp, transforms, call = _fitting_run(model, scheduler, ratios, model_kwargs)
+    n = grid.num_steps
     with torch.no_grad():
         ref = reference if reference is not None else reference_states(model, noise, scheduler, per_step, **model_kwargs)
-    ratios = [1.0] * n
-    comp = DynamicCompensation(ratios, cfg.get("dc_order", 2))
-    # the scheduler's other transforms (DualFast), then the compensation being fitted
-    transforms = tuple(t for t in scheduler.prediction_transforms(n) if not isinstance(t, DynamicCompensation)) + (comp,)
-
-    def call(x, i):
-        return model_output(model(x, model_time(i), **model_kwargs))
 
     def reach(state, x, out, i):  # the sample at node i + 1 that the next step continues from (after its corrector)
         x1, st = call_step(solver, grid, state, x, out, cfg.prediction_type, i, i)
@@ -209,28 +221,20 @@ def refine_dc_ratios(model, scheduler, noise: torch.Tensor, ratios: list, target
     best iterate seen whose ratios all lie in ``RATIO_RANGE``; the starting ratios count, so the refinement never
     ends worse on its own latents than it began."""
     from fastsample.driver import drive
-    from fastsample.sampling import model_output
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"end_iterations must be an integer >= 1, got {iterations!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"end_lr must be a finite number > 0, got {lr!r}")
-    n = len(ratios)
-    scheduler.set_timesteps(n)
-    grid, solver, cfg = scheduler.grid, scheduler.solver, scheduler.config
-    model_time = scheduler.model_time(grid)
     if target.shape != noise.shape:
         raise ValueError(f"target must be the teacher's end points, shaped like noise {tuple(noise.shape)}, got "
                          f"{tuple(target.shape)}")
+    n = len(ratios)
+    grid, solver, cfg, comp, transforms, call = _fitting_run(model, scheduler, list(ratios), model_kwargs)
     free = torch.tensor(ratios[FIRST_COMPENSATED:], dtype=torch.float64, requires_grad=True)
-    comp = DynamicCompensation(list(ratios), cfg.get("dc_order", 2))
-    transforms = tuple(t for t in scheduler.prediction_transforms(n) if not isinstance(t, DynamicCompensation)) + (comp,)
     opt = torch.optim.Adam([free], lr=lr)
     lo, hi = RATIO_RANGE
     best = (math.inf, list(ratios))
-
-    def call(x, i):
-        return model_output(model(x, model_time(i), **model_kwargs))
 
     with torch.enable_grad():
         for it in range(iterations + 1):  # the last pass only scores the last update
