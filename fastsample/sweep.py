@@ -708,12 +708,17 @@ def _plot(plot, records, metric, by, se, family, floor, nfes, title) -> None:
 PLAN_KEYS = {"name", "model", "metric", "num", "seed", "nfe", "rows", "floor", "out", "table", "plot",
              "reference_steps", "batch_size", "title"}
 PLAN_REQUIRED = ("name", "model", "metric", "num", "nfe", "rows", "out")
+# a script block runs one of the checkout's experiment scripts, whose tables are not sweeps of rows x NFE (T-Stitch's
+# timing pass, FKC's particles); each such script resumes by its own cell keys, so a rerun computes nothing either
+SCRIPT_KEYS = {"name", "script", "args"}
+SCRIPT_FOLDERS = ("experiments", "scripts")
 
 
 def load_plan(plan) -> list[dict]:
     """The blocks of a plan: a JSON file (or its dict) ``{"blocks": [...]}``, each block one sweep with keys
     name, model, metric, num, nfe, rows and out (required) and seed, floor, table, plot, reference_steps,
-    batch_size, title."""
+    batch_size, title; or a script block ``{"name", "script", "args"}``: a resumable script of the checkout's
+    experiments/ or scripts/ folder (a path relative to the checkout) and its command-line arguments."""
     source = plan
     if not isinstance(plan, dict):
         plan = json.loads(Path(plan).read_text())
@@ -725,16 +730,43 @@ def load_plan(plan) -> list[dict]:
         where = f"{source}, block {i} ({b.get('name', '?') if isinstance(b, dict) else b!r})"
         if not isinstance(b, dict):
             raise ValueError(f"{where}: a block must be a dict")
-        missing, unknown = [k for k in PLAN_REQUIRED if k not in b], set(b) - PLAN_KEYS
-        if missing or unknown:
-            raise ValueError(f"{where}: missing keys {missing}, unknown keys {sorted(unknown)}; a block takes "
-                             f"{sorted(PLAN_KEYS)}")
+        if "script" in b:
+            _check_script_block(b, where)
+        else:
+            missing, unknown = [k for k in PLAN_REQUIRED if k not in b], set(b) - PLAN_KEYS
+            if missing or unknown:
+                raise ValueError(f"{where}: missing keys {missing}, unknown keys {sorted(unknown)}; a block takes "
+                                 f"{sorted(PLAN_KEYS)} (or, a script block, {sorted(SCRIPT_KEYS)})")
         if b["name"] in names:
             raise ValueError(f"{where}: block names must be unique")
         names.add(b["name"])
-        for s in b["rows"]:
+        for s in b.get("rows", ()):
             normalize_spec({k: v for k, v in s.items() if k != "nfe"} if isinstance(s, dict) else s)
     return blocks
+
+
+def _check_script_block(b: dict, where: str) -> None:
+    if set(b) != SCRIPT_KEYS:
+        raise ValueError(f"{where}: a script block takes exactly {sorted(SCRIPT_KEYS)}, got {sorted(b)}")
+    script = Path(str(b["script"]))
+    if (script.is_absolute() or ".." in script.parts or not script.parts or script.parts[0] not in SCRIPT_FOLDERS
+            or script.suffix != ".py" or not (ARTEFACTS / script).is_file()):
+        raise ValueError(f"{where}: script must be a .py file of the checkout's {SCRIPT_FOLDERS} folders, given "
+                         f"relative to the checkout, got {b['script']!r}")
+    if not isinstance(b["args"], list) or not all(isinstance(a, str) for a in b["args"]):
+        raise ValueError(f"{where}: args must be a list of strings, got {b['args']!r}")
+
+
+def run_script_block(b: dict, log=print) -> None:
+    """Run a script block in the checkout with this interpreter; an error if the script fails."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ARTEFACTS / b["script"]), *b["args"]]
+    log(f"== block {b['name']}: {b['script']} {' '.join(b['args'])}")
+    done = subprocess.run(cmd, cwd=ARTEFACTS)
+    if done.returncode:
+        raise RuntimeError(f"block {b['name']}: {b['script']} exited with status {done.returncode}")
 
 
 def run_plan(plan, only=None, device="cpu", log=print) -> dict:
@@ -748,6 +780,10 @@ def run_plan(plan, only=None, device="cpu", log=print) -> dict:
         blocks = [b for b in blocks if b["name"] in only]
     tasks, results, missing = {}, {}, []
     for b in blocks:
+        if "script" in b:
+            run_script_block(b, log)
+            results[b["name"]] = None
+            continue
         steps = b.get("reference_steps", 200)
         if (b["model"], steps) not in tasks:
             tasks[b["model"], steps] = Task(b["model"], device, steps)

@@ -370,3 +370,28 @@ def test_teleport_auto_chooses_the_fraction_per_nfe():
     assert cell(task, "unipc3:teleport-auto", 10, 16, 1)[2]["config"] != cell(task, "unipc3", 10, 16, 1)[2]["config"]
     with pytest.raises(ValueError, match="diffusers-unipc:teleport-auto"):
         run_sweep("testbed", ["diffusers-unipc:teleport-auto"], [4], 4, "unused.jsonl")
+
+
+def test_script_blocks_of_a_plan(tmp_path):
+    """A plan's script block runs a checkout script with this interpreter; a failing one names its block; a bad
+    block is refused before anything runs."""
+    from fastsample.sweep import load_plan, run_plan
+
+    ok = {"name": "help", "script": "scripts/fit_dc.py", "args": ["--help"]}
+    said = []
+    assert run_plan({"blocks": [ok]}, log=said.append) == {"help": None}
+    assert said == ["== block help: scripts/fit_dc.py --help"]
+    with pytest.raises(RuntimeError, match="block bad: scripts/fit_dc.py exited with status 2"):
+        run_plan({"blocks": [{**ok, "name": "bad", "args": ["--num", "0"]}]}, log=lambda _: None)
+    for block, match in [({**ok, "script": "/etc/passwd"}, "script must be a .py file"),
+                         ({**ok, "script": "experiments/../setup.py"}, "script must be a .py file"),
+                         ({**ok, "script": "experiments/nope.py"}, "script must be a .py file"),
+                         ({**ok, "script": ""}, "script must be a .py file"),
+                         ({**ok, "args": "--help"}, "args must be a list of strings"),
+                         ({**ok, "rows": []}, "a script block takes exactly"),
+                         ({k: v for k, v in ok.items() if k != "args"}, "a script block takes exactly")]:
+        with pytest.raises(ValueError, match=match):
+            load_plan({"blocks": [block]})
+    with pytest.raises(ValueError, match="unique"):
+        load_plan({"blocks": [ok, ok]})
+    assert [b["name"] for b in load_plan(ROOT / "plans" / "fmnist-large.json")][-2:] == ["tstitch", "fkc-cfg"]
