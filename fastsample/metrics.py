@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,13 @@ def trajectory_error_with_se(x: torch.Tensor, reference: torch.Tensor) -> tuple[
 
 def class_accuracy(samples: torch.Tensor, labels: torch.Tensor, net: FeatureNet | None = None) -> float:
     """Share of conditional samples the shipped classifier assigns to their intended class (8-bit pixels first)."""
+    return class_accuracy_with_se(samples, labels, net)[0]
+
+
+def class_accuracy_with_se(samples: torch.Tensor, labels: torch.Tensor,
+                           net: FeatureNet | None = None) -> tuple[float, float]:
+    """``(class accuracy, its binomial standard error sqrt(p (1 - p) / n))`` over the n samples."""
     net = net or FeatureNet.load()
     quantised = to_pixels(samples) / 127.5 - 1.0
-    return float((extract(net, quantised, logits=True).argmax(1).cpu() == labels.cpu()).double().mean())
+    p = float((extract(net, quantised, logits=True).argmax(1).cpu() == labels.cpu()).double().mean())
+    return p, math.sqrt(p * (1 - p) / len(labels))

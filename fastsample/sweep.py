@@ -375,7 +375,9 @@ def build_scheduler(spec: dict, task: "Task", nfe: int):
     return cls.from_pretrained(folder)
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
+    """The 16-hex-digit key of a JSON-able object (sorted keys): a results cell's key.  Anything JSON cannot write
+    enters by its repr, which is only as stable as that repr: pass numbers, strings, lists and dicts."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
@@ -390,7 +392,7 @@ def config_digest(scheduler) -> str:
         v = resolve_artefact(v) if isinstance(v, str) else v
         if isinstance(v, str) and v.endswith((".safetensors", ".json")) and Path(v).is_file():
             cfg[k] = "file sha256 " + hashlib.sha256(Path(v).read_bytes()).hexdigest()[:16]
-    return _digest({"class": f"{type(scheduler).__module__.split('.')[0]}.{type(scheduler).__name__}", "config": cfg})
+    return digest({"class": f"{type(scheduler).__module__.split('.')[0]}.{type(scheduler).__name__}", "config": cfg})
 
 
 # ---------------------------------------------------------------------------------------------------------- tasks
@@ -473,7 +475,7 @@ class Task:
         fn = model_fn(stitched)
         fn.small_steps = (lambda timesteps: len(timesteps)) if fraction == 1 else \
             (lambda timesteps: sum(stitched.route(t) == 0 for t in timesteps))
-        return fn, _digest([self.weights, model_hash(self._small[small])])
+        return fn, digest([self.weights, model_hash(self._small[small])])
 
     def identity(self, metric: str) -> dict:
         """What the metric's value depends on besides the row: the converged solve's step count for "rmse"."""
@@ -545,7 +547,7 @@ def cell(task: Task, spec, nfe: int, num: int, seed: int = 0, metric: str | None
     model, weights = task.model_for(spec)
     ident = {"model": task.name, "weights": weights, "spec": spec, "config": config_digest(scheduler), "nfe": nfe,
              "num": num, "seed": seed, "metric": metric, **task.identity(metric)}
-    return scheduler, model, {"key": _digest(ident), **ident}
+    return scheduler, model, {"key": digest(ident), **ident}
 
 
 def run_cell(task: Task, spec, nfe: int, num: int, seed: int = 0, batch_size: int = 250, acc=None,
@@ -750,21 +752,28 @@ def _check_script_block(b: dict, where: str) -> None:
         raise ValueError(f"{where}: a script block takes exactly {sorted(SCRIPT_KEYS)}, got {sorted(b)}")
     script = Path(str(b["script"]))
     if (script.is_absolute() or ".." in script.parts or not script.parts or script.parts[0] not in SCRIPT_FOLDERS
-            or script.suffix != ".py" or not (ARTEFACTS / script).is_file()):
+            or script.suffix != ".py"):
         raise ValueError(f"{where}: script must be a .py file of the checkout's {SCRIPT_FOLDERS} folders, given "
                          f"relative to the checkout, got {b['script']!r}")
+    path = (ARTEFACTS / script).resolve()
+    if not path.is_relative_to((ARTEFACTS / script.parts[0]).resolve()):
+        raise ValueError(f"{where}: script {b['script']!r} leads outside the checkout's {script.parts[0]}/ folder")
+    if not path.is_file():
+        raise ValueError(f"{where}: no script {b['script']!r} in the checkout ({ARTEFACTS})")
     if not isinstance(b["args"], list) or not all(isinstance(a, str) for a in b["args"]):
         raise ValueError(f"{where}: args must be a list of strings, got {b['args']!r}")
 
 
 def run_script_block(b: dict, log=print) -> None:
-    """Run a script block in the checkout with this interpreter; an error if the script fails."""
+    """Run a script block with this interpreter, in the working directory (where a sweep block's ``out`` resolves
+    too) and with this process's torch thread count unless its args set one; an error if the script fails."""
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, str(ARTEFACTS / b["script"]), *b["args"]]
     log(f"== block {b['name']}: {b['script']} {' '.join(b['args'])}")
-    done = subprocess.run(cmd, cwd=ARTEFACTS)
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     if done.returncode:
         raise RuntimeError(f"block {b['name']}: {b['script']} exited with status {done.returncode}")
 
@@ -778,10 +787,17 @@ def run_plan(plan, only=None, device="cpu", log=print) -> dict:
         if unknown:
             raise ValueError(f"no blocks named {sorted(unknown)}; the plan has {[b['name'] for b in blocks]}")
         blocks = [b for b in blocks if b["name"] in only]
-    tasks, results, missing = {}, {}, []
+    tasks, results, missing, failed = {}, {}, [], []
     for b in blocks:
         if "script" in b:
-            run_script_block(b, log)
+            if device != "cpu":
+                log(f"== block {b['name']}: a script block runs on the device its own args give, not {device!r}")
+            try:
+                run_script_block(b, log)
+            except RuntimeError as e:  # run the other blocks, then say so
+                log(f"== {e}")
+                failed.append(str(e))
+                continue
             results[b["name"]] = None
             continue
         steps = b.get("reference_steps", 200)
@@ -798,6 +814,8 @@ def run_plan(plan, only=None, device="cpu", log=print) -> dict:
             continue
         render(records, b.get("plot"), b.get("table"), b.get("title"))
         results[b["name"]] = records
+    if failed:
+        raise RuntimeError("script blocks that failed (the others finished):\n" + "\n".join(failed + missing))
     if missing:
         raise FileNotFoundError("blocks not run for want of a fit (the others finished):\n" + "\n".join(missing))
     return results

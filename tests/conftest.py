@@ -1,5 +1,19 @@
+import importlib.util
+from pathlib import Path
+
 import torch
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name):
+    """The module of scripts/<name>.py or experiments/<name>.py (their main(argv) runs in the test's process)."""
+    path = next(p for p in (ROOT / "scripts" / f"{name}.py", ROOT / "experiments" / f"{name}.py") if p.is_file())
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def smooth_model(x, t, **kwargs):

@@ -2,24 +2,16 @@
 before any work, and names the argument, the value and what is allowed.  The scripts run in this process (their
 ``main(argv)``): a parse error exits with status 2 before a model is loaded or a file is written."""
 import argparse
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from conftest import script
 from fastsample import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name):
-    path = next(p for p in (ROOT / "scripts" / f"{name}.py", ROOT / "experiments" / f"{name}.py") if p.is_file())
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def refused(name, argv, capsys):
@@ -45,7 +37,11 @@ CASES = [  # F14: zero or negative counts crashed deep inside six scripts
     ("learn_schedule", ["--num", "0"], "argument --num: must be an integer >= 1, got 0"),
     ("fit_dc", ["--iterations", "0"], "argument --iterations: must be an integer >= 1, got 0"),  # F19
     ("fit_dc", ["--nfe", "2"], "argument --nfe: must be an integer >= 3, got 2"),
-    ("fkc_cfg_sweep", ["--particles", "0"], "argument --particles: must be an integer >= 1, got 0"),
+    ("fkc_cfg_sweep", ["--particles", "0"], "argument --particles: must be an integer >= 2, got 0"),
+    ("fkc_cfg_sweep", ["--equal-calls", "--methods", "fkc"], "--equal-calls adds plain CFG cells: it needs 'cfg'"),
+    ("fkc_cfg_sweep", ["--clip", "1", "--methods", "cfg"], "--clip applies to FKC only"),
+    ("fkc_cfg_sweep", ["--steps", "100", "--particles", "16", "--equal-calls"],
+     "--steps 100 x --particles 16 = 1600 steps, more than the model's 1000 training timesteps"),
     ("fkc_testbed", ["--ess-threshold", "2"], r"argument --ess-threshold: must be a finite number in \[0.0, 1.0\]"),
     ("train_classifier", ["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
     ("bench_models", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),

@@ -381,11 +381,13 @@ def test_script_blocks_of_a_plan(tmp_path):
     said = []
     assert run_plan({"blocks": [ok]}, log=said.append) == {"help": None}
     assert said == ["== block help: scripts/fit_dc.py --help"]
+    said.clear()
     with pytest.raises(RuntimeError, match="block bad: scripts/fit_dc.py exited with status 2"):
-        run_plan({"blocks": [{**ok, "name": "bad", "args": ["--num", "0"]}]}, log=lambda _: None)
+        run_plan({"blocks": [{**ok, "name": "bad", "args": ["--num", "0"]}, ok]}, log=said.append)
+    assert said[-1] == "== block help: scripts/fit_dc.py --help"  # the blocks after a failed one still run
     for block, match in [({**ok, "script": "/etc/passwd"}, "script must be a .py file"),
                          ({**ok, "script": "experiments/../setup.py"}, "script must be a .py file"),
-                         ({**ok, "script": "experiments/nope.py"}, "script must be a .py file"),
+                         ({**ok, "script": "experiments/nope.py"}, "no script 'experiments/nope.py'"),
                          ({**ok, "script": ""}, "script must be a .py file"),
                          ({**ok, "args": "--help"}, "args must be a list of strings"),
                          ({**ok, "rows": []}, "a script block takes exactly"),

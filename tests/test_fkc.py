@@ -248,28 +248,30 @@ def test_fkc_on_a_flow_schedule(target):
             torch.randn(8, 2, dtype=torch.float64), 10, **call)
 
 
-def _fkc_sweep():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "fkc_cfg_sweep.py"
-    spec = importlib.util.spec_from_file_location("fkc_cfg_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_fkc_table_cells_and_keys():
-    """The FKC-CFG table: plain CFG at the same calls as each FKC cell, and a key that separates every input."""
-    m = _fkc_sweep()
-    cells = m.cells([3.0], [4, 8], 20, True, ["cfg", "fkc"], None)
+    """The FKC-CFG table: plain CFG at the same calls as each FKC cell, a key that separates every input, particle 0
+    of each image starting where plain CFG starts, and SDE noise independent of every start noise."""
+    from conftest import script
+    from fastsample.sweep import noise_for
+
+    m = script("fkc_cfg_sweep")
+    cells = m.cells([3], [4, 8], 20, True, ["cfg", "fkc"], None)
     assert cells == [(3.0, "cfg", 1, 20, None), (3.0, "fkc", 4, 20, None), (3.0, "cfg", 1, 80, None),
                      (3.0, "fkc", 8, 20, None), (3.0, "cfg", 1, 160, None)]
-    assert m.cells([3.0], [4], 20, False, ["fkc"], 1.0) == [(3.0, "fkc", 4, 20, 1.0)]
+    assert m.cells([3.0], [4], 20, False, ["fkc"], 1) == [(3.0, "fkc", 4, 20, 1.0)]
     base = dict(model="fmnist-cond", weights="aa", scale=3.0, method="fkc", particles=4, steps=20, per_class=50,
                 seed=0, clip=None, batch_images=50)
     key = m.identity(**base)["key"]
-    assert m.identity(**base)["key"] == key
+    assert m.identity(**{**base, "scale": 3})["key"] == key
     for change in (dict(weights="bb"), dict(model="other"), dict(scale=5.0), dict(particles=8), dict(steps=40),
                    dict(per_class=100), dict(seed=1), dict(clip=1.0), dict(batch_images=25), dict(method="cfg")):
         assert m.identity(**{**base, **change})["key"] != key, change
+    assert m.start_indices(range(2, 4), 3, 10) == [2, 12, 22, 3, 13, 23]
+    assert m.start_indices(range(2, 4), 1, 10) == [2, 3]
+    num, k, seed = 100, 16, 0
+    starts = noise_for(range(k * num), (4,), seed)
+    for b in (0, 50):
+        first = torch.randn(4, generator=torch.Generator().manual_seed(m.sde_seed(seed, b)))
+        assert not (starts == first).all(1).any(), b
+    assert len({m.sde_seed(s, b) for s in (0, 1) for b in (0, 50, 100)}) == 6
