@@ -366,7 +366,7 @@ def test_teleport_auto_chooses_the_fraction_per_nfe():
     assert sch.config.teleport_fraction == expect
     rec = run_cell(task, "unipc3:teleport-auto", 10, 16, seed=1)
     assert rec["model_calls"] == 10 - round(expect * 10)
-    assert expect == pytest.approx(0.3)  # on this mixture: 3 of the 10 steps
+    assert expect == pytest.approx(0.2)  # on this mixture, at the default tolerance 0.005: 2 of the 10 steps
     assert cell(task, "unipc3:teleport-auto", 10, 16, 1)[2]["config"] != cell(task, "unipc3", 10, 16, 1)[2]["config"]
     with pytest.raises(ValueError, match="diffusers-unipc:teleport-auto"):
         run_sweep("testbed", ["diffusers-unipc:teleport-auto"], [4], 4, "unused.jsonl")
