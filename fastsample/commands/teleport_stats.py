@@ -1,7 +1,7 @@
 """Gaussian statistics of Fashion-MNIST for analytic teleportation, and the teleport point for a zoo model.
 
     python scripts/teleport_stats.py                                   # -> fastsample/models/fmnist-gaussian.safetensors
-    python scripts/teleport_stats.py --model fmnist-large --nfe 5 6 8 10 --tol 0.05   # + the largest safe fraction
+    python scripts/teleport_stats.py --model fmnist-large --nfe 5 6 8 10 --tol 0.005  # + the largest safe fraction
 
 The statistics (train split, in the models' [-1, 1] space, top --rank eigenpairs) stream over the data in batches.
 """
@@ -26,7 +26,9 @@ def arguments(p):
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's package or torchvision)")
     p.add_argument("--model", default=None, choices=tuple(n for n, c in zoo.MODEL_CONFIGS.items() if not c[1]))
     p.add_argument("--nfe", type=cli.integer(1), nargs="+", default=[5, 6, 8, 10])
-    p.add_argument("--tol", type=cli.number(0.0, open_min=True), default=0.05)
+    p.add_argument("--tol", type=cli.number(0.0, open_min=True), default=0.005,
+                   help="the largest relative difference of noise predictions to teleport through "
+                        "(calibrated: experiments/teleport_tolerance.py)")
     p.add_argument("--probes", type=cli.integer(1), default=16)
 
 
