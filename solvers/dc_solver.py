@@ -126,8 +126,10 @@ class CPR:
             raise ValueError(f"not a DC-Solver CPR file (method={d.get('method')!r})")
         return cls(d["coefficients"], d["base_solver"])
 
-    def save(self, path):
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+    def save(self, path, fitted_model_hash: str | None = None):
+        """Write the coefficients as JSON; ``fitted_model_hash``, the weights the fits came from, goes with them."""
+        d = self.to_dict() | ({"fitted_model_hash": fitted_model_hash} if fitted_model_hash else {})
+        Path(path).write_text(json.dumps(d, indent=1))
 
     @classmethod
     def load(cls, path) -> "CPR":

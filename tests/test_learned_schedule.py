@@ -1,5 +1,7 @@
 """Learned schedules (GITS-style dynamic programming): beat the hand-made spacings on held-out noise on an exact
 testbed, use exactly N model calls, round-trip as JSON, reject bad input."""
+import json
+
 import pytest
 import torch
 
@@ -506,3 +508,30 @@ def test_gradient_fit_on_a_flow_grid_refuses_a_noise_prediction_solver():
     with pytest.raises(ValueError, match="needs a data-prediction solver .*DEISScheduler predicts the noise"):
         learn_schedule(gm, DEISScheduler(**zoo.FLOW_CONFIG, solver_order=3), torch.randn(4, 8, dtype=F64), 4,
                        method="gradient", gradient_options={"iterations": 1})
+
+
+def test_shipped_fits_record_the_shipped_weights():
+    """Every schedule, scale set and DC ratio file shipped for fmnist-large was fitted to the weights the zoo ships
+    now (or, under learned/fmnist-large-flow, to its flow view): a fit left over from older weights fails here."""
+    from pathlib import Path
+
+    from fastsample import zoo
+    from fastsample.solvers.learned_schedule import model_hash
+
+    root = Path(__file__).resolve().parent.parent
+    expected = {"learned/fmnist-large": model_hash(zoo.load("fmnist-large")),
+                "learned/fmnist-large-flow": model_hash(zoo.load("fmnist-large", parameterization="flow")),
+                "dc/fmnist-large": model_hash(zoo.load("fmnist-large"))}
+    checked = 0
+    for folder, want in expected.items():
+        assert len(want) == 16, folder
+        for path in sorted((root / folder).rglob("*.json")):
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                continue
+            got = record.get("fitted_model_hash", record.get("model_hash"))
+            if (path.name == "scheduler_config.json" or record.get("method") == "dc-solver-cpr"
+                    or path.parent.name == Path(folder).name):
+                assert got == want, f"{path.relative_to(root)} was fitted to weights {got}, the shipped are {want}"
+                checked += 1
+    assert checked >= 40

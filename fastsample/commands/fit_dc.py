@@ -87,7 +87,7 @@ def run(args, p):
                 done.append(record)
                 fitted(config, inputs["weights"], dc_ratios=ratios).save_pretrained(out / f"nfe{nfe}-cfg{w:g}")
                 print(json.dumps(record), flush=True)
-    CPR.fit(done, args.base_solver).save(out / "cpr.json")  # over this configuration's fits only
+    CPR.fit(done, args.base_solver).save(out / "cpr.json", inputs["weights"])  # over this configuration's fits only
     if args.leave_one_out:
         for nfe in sorted({d["nfe"] for d in done}):
             rest = [d for d in done if d["nfe"] != nfe]
